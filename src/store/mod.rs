@@ -1,0 +1,860 @@
+//! The blake3 content-addressed store: immutable objects, tree manifests, stat cache, checkout, fsck, gc.
+//!
+//! Layout under the store root (`artifacts/` by default):
+//! ```text
+//! FORMAT               {"store_format":1}; a newer number is refused
+//! LOCK                 flock: shared while a process writes, exclusive for gc
+//! objects/ab/cdef...   read-only blobs named by their blake3 digest
+//! tmp/                 temporary files, renamed into objects/ once complete
+//! statcache/           (dev, inode, size, mtime, ctime) -> digest of files outside the store
+//! checkouts/<digest>/  read-only materialised trees (hardlinks) used as step inputs
+//! refs/                pinned artifact references (gc roots)
+//! ```
+//! The recipe engine keeps its own directories (keys/, runs/, invocations/, locks/, specs/) beside these.
+
+mod digest;
+mod tree;
+
+pub use digest::Digest;
+pub use tree::{Tree, TreeEntry};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::fs::{self as xfs, FileLock, IoContext, LinkMode, PathError, StatKey};
+
+/// The on-disk format this build reads and writes.
+pub const STORE_FORMAT: u32 = 1;
+
+/// What an artifact digest names: a single file, or a tree manifest listing files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    Blob,
+    Tree,
+}
+
+/// A reference to a stored artifact; this is what run records and cache entries hold.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub kind: ArtifactKind,
+    pub digest: Digest,
+    /// Bytes of content (for a tree: the sum of its files).
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("{}: store format {found} was written by a newer fuselab; this build reads format {supported}", path.display())]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{}: not a fuselab store format file: {reason}", path.display())]
+    BadFormatFile { path: PathBuf, reason: String },
+    #[error("object {digest} is not in the store")]
+    MissingObject { digest: Digest },
+    #[error("object {digest} is corrupt: {} hashes to {actual}", path.display())]
+    Corrupt {
+        digest: Digest,
+        path: PathBuf,
+        actual: Digest,
+    },
+    #[error("object {digest} is not a valid tree manifest: {reason}")]
+    BadTree { digest: Digest, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("{}: changed while it was being added to the store; try again", path.display())]
+    Changed { path: PathBuf },
+    #[error("{}: already exists; checkout needs a path that does not exist", path.display())]
+    DestinationExists { path: PathBuf },
+    #[error("`{prefix}` matches no object in the store")]
+    UnknownPrefix { prefix: String },
+    #[error("`{prefix}` is ambiguous: it matches {} objects ({})", matches.len(), matches.iter().take(4).map(|d| d.to_string()).collect::<Vec<_>>().join(", "))]
+    AmbiguousPrefix {
+        prefix: String,
+        matches: Vec<Digest>,
+    },
+    #[error("`{text}` is not a digest: {reason}")]
+    BadDigest { text: String, reason: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An opened store. Cheap to share between threads.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FormatFile {
+    store_format: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StatEntry {
+    path: PathBuf,
+    stat: StatKey,
+    digest: Digest,
+}
+
+/// The result of checking every object.
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub objects_checked: usize,
+    pub bytes_checked: u64,
+    /// Objects whose content no longer matches their name.
+    pub corrupt: Vec<CorruptObject>,
+    /// Objects that a root or tree refers to but that are absent.
+    pub missing: Vec<MissingRef>,
+    /// Objects that nothing reaches (left by an interrupted write, or by gc-able history).
+    pub orphaned: Vec<Digest>,
+    /// Files in objects/ whose names are not digests.
+    pub stray_files: Vec<PathBuf>,
+    /// Temporary files left behind by interrupted writers (removed by gc).
+    pub temp_files: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CorruptObject {
+    pub digest: Digest,
+    pub path: PathBuf,
+    pub actual: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MissingRef {
+    pub digest: Digest,
+    pub referenced_by: String,
+}
+
+impl FsckReport {
+    /// Clean means: nothing corrupt, nothing missing, nothing unexplained in objects/.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty() && self.stray_files.is_empty()
+    }
+}
+
+/// What gc removed (or would remove with a dry run).
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub removed_objects: Vec<(Digest, u64)>,
+    pub removed_checkouts: usize,
+    pub removed_temp_files: usize,
+    pub bytes_freed: u64,
+    pub objects_kept: usize,
+}
+
+/// A root of reachability for fsck and gc, with a description for messages.
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub artifact: ArtifactRef,
+    pub origin: String,
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        let store = Store { root };
+        let format_path = store.root.join("FORMAT");
+        match fs::read(&format_path) {
+            Ok(bytes) => {
+                let f: FormatFile =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::BadFormatFile {
+                        path: format_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if f.store_format > STORE_FORMAT {
+                    return Err(StoreError::NewerFormat {
+                        path: format_path,
+                        found: f.store_format,
+                        supported: STORE_FORMAT,
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                for d in ["objects", "tmp", "statcache", "checkouts", "refs"] {
+                    fs::create_dir_all(store.root.join(d)).at(&store.root.join(d))?;
+                }
+                let bytes = serde_json::to_vec(&FormatFile {
+                    store_format: STORE_FORMAT,
+                })
+                .expect("serialises");
+                xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true)
+                    .at(&format_path)?;
+            }
+            Err(e) => return Err(PathError::new(&format_path, e).into()),
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// A fresh, empty directory inside the store's tmp/ (same filesystem as objects/).
+    pub fn scratch_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let p = self.tmp_dir().join(xfs::unique_name(prefix));
+        fs::create_dir_all(&p).at(&p)?;
+        Ok(p)
+    }
+
+    /// Shared lock held by every process that writes objects; gc takes it exclusively.
+    pub fn lock_shared(&self) -> Result<FileLock> {
+        let p = self.root.join("LOCK");
+        Ok(FileLock::lock(&p, false).at(&p)?)
+    }
+
+    pub fn object_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.to_string();
+        self.root.join("objects").join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn has(&self, d: &Digest) -> bool {
+        self.object_path(d).is_file()
+    }
+
+    /// Move a complete, fsynced temporary file into place as object `d`.
+    fn install(&self, tmp: &Path, d: &Digest) -> Result<()> {
+        let dest = self.object_path(d);
+        let dir = dest.parent().expect("object paths have a parent");
+        fs::create_dir_all(dir).at(dir)?;
+        xfs::set_readonly(tmp).at(tmp)?;
+        fs::rename(tmp, &dest).at(&dest)?;
+        xfs::sync_dir(dir).at(dir)?;
+        Ok(())
+    }
+
+    /// Store bytes; returns their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest> {
+        let d = Digest(*blake3::hash(bytes).as_bytes());
+        if !self.has(&d) {
+            let tmp = self.tmp_dir().join(xfs::unique_name("obj"));
+            let write = || -> io::Result<()> {
+                let mut f = fs::File::create(&tmp)?;
+                io::Write::write_all(&mut f, bytes)?;
+                f.sync_all()
+            };
+            if let Err(e) = write() {
+                let _ = fs::remove_file(&tmp);
+                return Err(PathError::new(&tmp, e).into());
+            }
+            if let Err(e) = self.install(&tmp, &d) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Hash a file by streaming it (memory-mapped, multithreaded for large files).
+    pub fn hash_file(path: &Path) -> Result<Digest> {
+        let mut h = blake3::Hasher::new();
+        h.update_mmap_rayon(path).at(path)?;
+        Ok(Digest(*h.finalize().as_bytes()))
+    }
+
+    fn statcache_path(&self, path: &Path) -> PathBuf {
+        let h = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
+        self.root.join("statcache").join(&h.as_str()[..32])
+    }
+
+    fn statcache_get(&self, abs: &Path, stat: &StatKey) -> Option<Digest> {
+        let bytes = fs::read(self.statcache_path(abs)).ok()?;
+        let e: StatEntry = serde_json::from_slice(&bytes).ok()?;
+        (e.path == abs && &e.stat == stat).then_some(e.digest)
+    }
+
+    fn statcache_put(&self, abs: &Path, stat: StatKey, digest: Digest) {
+        let entry = StatEntry {
+            path: abs.to_path_buf(),
+            stat,
+            digest,
+        };
+        let bytes = serde_json::to_vec(&entry).expect("serialises");
+        // A cache: losing an entry only costs a re-hash, so no fsync.
+        let _ = xfs::atomic_write(
+            &self.tmp_dir(),
+            &self.statcache_path(abs),
+            &bytes,
+            false,
+        );
+    }
+
+    /// Add a file that lives outside the store (it is copied; the original is untouched).
+    /// Unchanged files are recognised by the stat cache and not re-hashed.
+    pub fn put_file(&self, path: &Path) -> Result<ArtifactRef> {
+        let abs = std::path::absolute(path).at(path)?;
+        let meta = fs::metadata(&abs).at(&abs)?;
+        if !meta.is_file() {
+            return Err(StoreError::Unsupported {
+                path: abs,
+                reason: "not a regular file".into(),
+            });
+        }
+        let stat = StatKey::of(&meta);
+        let size = meta.len();
+        if let Some(d) = self.statcache_get(&abs, &stat) {
+            if self.has(&d) {
+                return Ok(ArtifactRef {
+                    kind: ArtifactKind::Blob,
+                    digest: d,
+                    size,
+                });
+            }
+        }
+        let d = Self::hash_file(&abs)?;
+        if !self.has(&d) {
+            let tmp = self.tmp_dir().join(xfs::unique_name("obj"));
+            let res = xfs::copy_durable(&abs, &tmp)
+                .at(&tmp)
+                .map_err(StoreError::from)
+                .and_then(|_| {
+                    // The copy happened after hashing: make sure the file did not change in between.
+                    let after = fs::metadata(&abs).at(&abs)?;
+                    if StatKey::of(&after) != stat {
+                        return Err(StoreError::Changed { path: abs.clone() });
+                    }
+                    self.install(&tmp, &d)
+                });
+            if let Err(e) = res {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        self.statcache_put(&abs, stat, d);
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Blob,
+            digest: d,
+            size,
+        })
+    }
+
+    /// Add a file that this process owns and will not touch again (a step's output): it is moved
+    /// into the store rather than copied.
+    fn put_owned_file(&self, path: &Path) -> Result<(Digest, u64)> {
+        let d = Self::hash_file(path)?;
+        let size = fs::metadata(path).at(path)?.len();
+        if self.has(&d) {
+            fs::remove_file(path).at(path)?;
+        } else {
+            fs::File::open(path).and_then(|f| f.sync_all()).at(path)?;
+            self.install(path, &d)?;
+        }
+        Ok((d, size))
+    }
+
+    /// Relative, '/'-separated paths of all regular files under `dir`, sorted.
+    fn walk(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(String::new(), dir.to_path_buf())];
+        while let Some((prefix, d)) = stack.pop() {
+            for entry in fs::read_dir(&d).at(&d)? {
+                let entry = entry.at(&d)?;
+                let p = entry.path();
+                let name = entry
+                    .file_name()
+                    .into_string()
+                    .map_err(|_| StoreError::Unsupported {
+                        path: p.clone(),
+                        reason: "file names must be UTF-8".into(),
+                    })?;
+                let rel = if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                let ft = entry.file_type().at(&p)?;
+                if ft.is_dir() {
+                    stack.push((rel, p));
+                } else if ft.is_file() {
+                    out.push((rel, p));
+                } else {
+                    return Err(StoreError::Unsupported {
+                        path: p,
+                        reason: "only regular files and directories can be stored (symlink or special file)".into(),
+                    });
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn put_tree(&self, tree: &Tree) -> Result<ArtifactRef> {
+        let d = self.put_bytes(&tree.to_bytes())?;
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Tree,
+            digest: d,
+            size: tree.size(),
+        })
+    }
+
+    /// Add a directory from outside the store (copied).
+    pub fn put_dir(&self, dir: &Path) -> Result<ArtifactRef> {
+        let mut entries = Vec::new();
+        for (rel, p) in Self::walk(dir)? {
+            let a = self.put_file(&p)?;
+            entries.push(TreeEntry {
+                path: rel,
+                digest: a.digest,
+                size: a.size,
+            });
+        }
+        self.put_tree(&Tree::new(entries))
+    }
+
+    /// Add a directory this process owns (a step's finished output): files are moved in.
+    pub fn put_owned_dir(&self, dir: &Path) -> Result<ArtifactRef> {
+        let mut entries = Vec::new();
+        for (rel, p) in Self::walk(dir)? {
+            let (digest, size) = self.put_owned_file(&p)?;
+            entries.push(TreeEntry {
+                path: rel,
+                digest,
+                size,
+            });
+        }
+        self.put_tree(&Tree::new(entries))
+    }
+
+    /// Add a file or a directory from outside the store.
+    pub fn put_path(&self, path: &Path) -> Result<ArtifactRef> {
+        let meta = fs::metadata(path).at(path)?;
+        if meta.is_dir() {
+            self.put_dir(path)
+        } else {
+            self.put_file(path)
+        }
+    }
+
+    /// The digest a directory would have as a tree, computed without storing anything.
+    pub fn digest_dir(dir: &Path) -> Result<ArtifactRef> {
+        let mut entries = Vec::new();
+        for (rel, p) in Self::walk(dir)? {
+            let size = fs::metadata(&p).at(&p)?.len();
+            entries.push(TreeEntry {
+                path: rel,
+                digest: Self::hash_file(&p)?,
+                size,
+            });
+        }
+        let tree = Tree::new(entries);
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Tree,
+            digest: Digest(*blake3::hash(&tree.to_bytes()).as_bytes()),
+            size: tree.size(),
+        })
+    }
+
+    /// Read a whole (small) object, verifying its digest.
+    pub fn read_bytes(&self, d: &Digest) -> Result<Vec<u8>> {
+        let p = self.object_path(d);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::MissingObject { digest: *d })
+            }
+            Err(e) => return Err(PathError::new(&p, e).into()),
+        };
+        let actual = Digest(*blake3::hash(&bytes).as_bytes());
+        if &actual != d {
+            return Err(StoreError::Corrupt {
+                digest: *d,
+                path: p,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub fn read_tree(&self, d: &Digest) -> Result<Tree> {
+        let bytes = self.read_bytes(d)?;
+        Tree::from_bytes(&bytes).map_err(|reason| StoreError::BadTree { digest: *d, reason })
+    }
+
+    /// Re-hash an object and compare with its name.
+    pub fn verify_object(&self, d: &Digest) -> Result<()> {
+        let p = self.object_path(d);
+        if !p.is_file() {
+            return Err(StoreError::MissingObject { digest: *d });
+        }
+        let actual = Self::hash_file(&p)?;
+        if &actual != d {
+            return Err(StoreError::Corrupt {
+                digest: *d,
+                path: p,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Check out an artifact at `dest` (which must not exist).
+    pub fn checkout(&self, a: &ArtifactRef, dest: &Path, mode: LinkMode) -> Result<()> {
+        if fs::symlink_metadata(dest).is_ok() {
+            return Err(StoreError::DestinationExists {
+                path: dest.to_path_buf(),
+            });
+        }
+        match a.kind {
+            ArtifactKind::Blob => {
+                let src = self.object_path(&a.digest);
+                if !src.is_file() {
+                    return Err(StoreError::MissingObject { digest: a.digest });
+                }
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).at(parent)?;
+                }
+                xfs::place(&src, dest, mode).at(dest)?;
+            }
+            ArtifactKind::Tree => {
+                let tree = self.read_tree(&a.digest)?;
+                fs::create_dir_all(dest).at(dest)?;
+                for e in &tree.entries {
+                    let src = self.object_path(&e.digest);
+                    if !src.is_file() {
+                        return Err(StoreError::MissingObject { digest: e.digest });
+                    }
+                    let target = dest.join(&e.path);
+                    if let Some(parent) = target.parent() {
+                        fs::create_dir_all(parent).at(parent)?;
+                    }
+                    xfs::place(&src, &target, mode).at(&target)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read-only path holding the artifact's content, shared by every step that reads it.
+    pub fn materialize(&self, a: &ArtifactRef) -> Result<PathBuf> {
+        match a.kind {
+            ArtifactKind::Blob => {
+                let p = self.object_path(&a.digest);
+                if !p.is_file() {
+                    return Err(StoreError::MissingObject { digest: a.digest });
+                }
+                Ok(p)
+            }
+            ArtifactKind::Tree => {
+                let dest = self.root.join("checkouts").join(a.digest.to_string());
+                if dest.is_dir() {
+                    return Ok(dest);
+                }
+                let scratch = self.scratch_dir("co")?;
+                let staged = scratch.join("tree");
+                let res = self
+                    .checkout(a, &staged, LinkMode::Auto)
+                    .and_then(|_| {
+                        let parent = dest.parent().expect("has parent");
+                        fs::create_dir_all(parent).at(parent)?;
+                        match fs::rename(&staged, &dest) {
+                            Ok(()) => Ok(()),
+                            // Another process materialised it first; theirs is identical.
+                            Err(_) if dest.is_dir() => Ok(()),
+                            Err(e) => Err(PathError::new(&dest, e).into()),
+                        }
+                    });
+                let _ = xfs::remove_tree(&scratch);
+                res.map(|_| dest)
+            }
+        }
+    }
+
+    /// Every digest present in objects/, plus files there that are not objects.
+    fn list_objects(&self) -> Result<(Vec<Digest>, Vec<PathBuf>)> {
+        let mut digests = Vec::new();
+        let mut stray = Vec::new();
+        let objects = self.root.join("objects");
+        for fan in fs::read_dir(&objects).at(&objects)? {
+            let fan = fan.at(&objects)?;
+            let fan_name = fan.file_name().to_string_lossy().into_owned();
+            if !fan.file_type().at(&fan.path())?.is_dir() {
+                stray.push(fan.path());
+                continue;
+            }
+            for obj in fs::read_dir(fan.path()).at(&fan.path())? {
+                let obj = obj.at(&fan.path())?;
+                let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
+                match name.parse::<Digest>() {
+                    Ok(d) => digests.push(d),
+                    Err(_) => stray.push(obj.path()),
+                }
+            }
+        }
+        digests.sort();
+        Ok((digests, stray))
+    }
+
+    /// Resolve a unique digest prefix (at least 4 hex characters) to a stored object.
+    pub fn resolve_prefix(&self, prefix: &str) -> Result<Digest> {
+        let prefix = prefix.to_ascii_lowercase();
+        if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(StoreError::BadDigest {
+                text: prefix,
+                reason: "expected at least 4 hexadecimal characters".into(),
+            });
+        }
+        if prefix.len() == 64 {
+            return prefix.parse();
+        }
+        let dir = self.root.join("objects").join(&prefix[..2]);
+        let mut matches = Vec::new();
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = format!("{}{}", &prefix[..2], e.file_name().to_string_lossy());
+                if name.starts_with(&prefix) {
+                    if let Ok(d) = name.parse() {
+                        matches.push(d);
+                    }
+                }
+            }
+        }
+        match matches.len() {
+            0 => Err(StoreError::UnknownPrefix { prefix }),
+            1 => Ok(matches[0]),
+            _ => Err(StoreError::AmbiguousPrefix { prefix, matches }),
+        }
+    }
+
+    /// All digests reachable from `roots` (trees expanded). Missing or unreadable trees are
+    /// reported rather than aborting the walk.
+    fn reachable(&self, roots: &[Root]) -> (BTreeSet<Digest>, Vec<MissingRef>) {
+        let mut seen = BTreeSet::new();
+        let mut missing = Vec::new();
+        for r in roots {
+            if !seen.insert(r.artifact.digest) {
+                continue;
+            }
+            if !self.has(&r.artifact.digest) {
+                missing.push(MissingRef {
+                    digest: r.artifact.digest,
+                    referenced_by: r.origin.clone(),
+                });
+                continue;
+            }
+            if r.artifact.kind == ArtifactKind::Tree {
+                match self.read_tree(&r.artifact.digest) {
+                    Ok(tree) => {
+                        for e in tree.entries {
+                            if seen.insert(e.digest) && !self.has(&e.digest) {
+                                missing.push(MissingRef {
+                                    digest: e.digest,
+                                    referenced_by: format!(
+                                        "{} (tree {}, path {})",
+                                        r.origin, r.artifact.digest, e.path
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    // A corrupt tree is reported by the object scan itself.
+                    Err(_) => {}
+                }
+            }
+        }
+        (seen, missing)
+    }
+
+    /// Verify every object, and report what the roots reference but is absent, and what nothing reaches.
+    pub fn fsck(&self, roots: &[Root], progress: &indicatif::ProgressBar) -> Result<FsckReport> {
+        let (digests, stray) = self.list_objects()?;
+        progress.set_length(digests.len() as u64);
+        let results: Vec<(Digest, u64, Option<CorruptObject>)> = digests
+            .par_iter()
+            .map(|d| {
+                let p = self.object_path(d);
+                let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                let bad = match Self::hash_file(&p) {
+                    Ok(actual) if &actual == d => None,
+                    Ok(actual) => Some(CorruptObject {
+                        digest: *d,
+                        path: p,
+                        actual: actual.to_string(),
+                    }),
+                    Err(e) => Some(CorruptObject {
+                        digest: *d,
+                        path: p,
+                        actual: format!("unreadable: {e}"),
+                    }),
+                };
+                progress.inc(1);
+                (*d, size, bad)
+            })
+            .collect();
+        let (reach, missing) = self.reachable(roots);
+        let mut report = FsckReport {
+            stray_files: stray,
+            missing,
+            ..Default::default()
+        };
+        for (d, size, bad) in results {
+            report.objects_checked += 1;
+            report.bytes_checked += size;
+            if let Some(b) = bad {
+                report.corrupt.push(b);
+            }
+            if !reach.contains(&d) {
+                report.orphaned.push(d);
+            }
+        }
+        report.temp_files = fs::read_dir(self.tmp_dir())
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        Ok(report)
+    }
+
+    /// Remove every object no root reaches, stale temporary files and unused checkouts.
+    /// Takes the store lock exclusively, so it never races a writer.
+    pub fn gc(&self, roots: &[Root], dry_run: bool) -> Result<GcReport> {
+        let lock_path = self.root.join("LOCK");
+        let _lock = match FileLock::try_lock(&lock_path, true).at(&lock_path)? {
+            Some(l) => l,
+            None => {
+                eprintln!("waiting for other fuselab processes using this store to finish...");
+                FileLock::lock(&lock_path, true).at(&lock_path)?
+            }
+        };
+        let (digests, _) = self.list_objects()?;
+        let (reach, _) = self.reachable(roots);
+        let mut report = GcReport {
+            dry_run,
+            ..Default::default()
+        };
+        for d in digests {
+            if reach.contains(&d) {
+                report.objects_kept += 1;
+                continue;
+            }
+            let p = self.object_path(&d);
+            let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            if !dry_run {
+                fs::remove_file(&p).at(&p)?;
+            }
+            report.bytes_freed += size;
+            report.removed_objects.push((d, size));
+        }
+        let checkouts = self.root.join("checkouts");
+        if let Ok(rd) = fs::read_dir(&checkouts) {
+            for e in rd.flatten() {
+                let keep = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<Digest>().ok())
+                    .is_some_and(|d| reach.contains(&d));
+                if !keep {
+                    report.removed_checkouts += 1;
+                    if !dry_run {
+                        xfs::remove_tree(&e.path()).at(&e.path())?;
+                    }
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
+            for e in rd.flatten() {
+                report.removed_temp_files += 1;
+                if !dry_run {
+                    xfs::remove_tree(&e.path()).at(&e.path())?;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Pinned references under refs/ (each file holds an ArtifactRef or a list of them).
+    pub fn refs(&self) -> Result<Vec<Root>> {
+        let mut out = Vec::new();
+        let dir = self.root.join("refs");
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let bytes = xfs::read(&p)?;
+                let name = p
+                    .strip_prefix(&self.root)
+                    .unwrap_or(&p)
+                    .display()
+                    .to_string();
+                let refs: Vec<ArtifactRef> = serde_json::from_slice::<RefFile>(&bytes)
+                    .map(|r| r.artifacts.into_values().collect())
+                    .map_err(|e| StoreError::BadFormatFile {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })?;
+                out.extend(refs.into_iter().map(|artifact| Root {
+                    artifact,
+                    origin: name.clone(),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pin named artifacts under refs/<name>.json so gc keeps them.
+    pub fn set_ref(&self, name: &str, artifacts: BTreeMap<String, ArtifactRef>) -> Result<()> {
+        let path = self.root.join("refs").join(format!("{name}.json"));
+        let bytes = serde_json::to_vec_pretty(&RefFile { artifacts }).expect("serialises");
+        xfs::atomic_write(&self.tmp_dir(), &path, &bytes, true).at(&path)?;
+        Ok(())
+    }
+
+    /// Copy an object's bytes to a writer, verifying as it streams.
+    pub fn cat(&self, d: &Digest, out: &mut dyn io::Write) -> Result<()> {
+        let p = self.object_path(d);
+        let mut f = match fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::MissingObject { digest: *d })
+            }
+            Err(e) => return Err(PathError::new(&p, e).into()),
+        };
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).at(&p)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).at(Path::new("<stdout>"))?;
+        }
+        let actual = Digest(*h.finalize().as_bytes());
+        if &actual != d {
+            return Err(StoreError::Corrupt {
+                digest: *d,
+                path: p,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct RefFile {
+    artifacts: BTreeMap<String, ArtifactRef>,
+}
+
+#[cfg(test)]
+mod tests;
