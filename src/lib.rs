@@ -2,5 +2,9 @@
 //! `fuselab` binary is a thin CLI over it.
 
 pub mod fs;
+pub mod recipe;
 pub mod store;
 pub mod util;
+
+#[path = "../experiments/mod.rs"]
+pub mod experiments;

@@ -1,1 +1,36 @@
-fn main() {}
+//! The `fuselab` binary: parses the command line, dispatches, prints the error chain, picks the exit code.
+
+mod cli;
+mod commands;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let store = cli.store.as_path();
+    let result = match &cli.command {
+        Command::Run(a) => commands::run(store, a),
+        Command::Plan(a) => commands::plan(store, a),
+        Command::List(a) => commands::list(store, a),
+        Command::Show(a) => commands::show(store, a),
+        Command::Lineage(a) => commands::lineage(store, a),
+        Command::Verify(a) => commands::verify(store, a),
+        Command::Diff(a) => commands::diff(store, a),
+        Command::Gc(a) => commands::gc(store, a),
+        Command::Fsck(a) => commands::fsck(store, a),
+        Command::ExecStep(a) => commands::exec_step(store, a),
+        Command::Store(c) => commands::store(store, c),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::exit(1);
+        }
+    }
+}

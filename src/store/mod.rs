@@ -462,6 +462,54 @@ impl Store {
         })
     }
 
+    /// The digest a file or directory has, freshly hashed, without storing anything.
+    pub fn digest_path(path: &Path) -> Result<ArtifactRef> {
+        let meta = fs::metadata(path).at(path)?;
+        if meta.is_dir() {
+            return Self::digest_dir(path);
+        }
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Blob,
+            digest: Self::hash_file(path)?,
+            size: meta.len(),
+        })
+    }
+
+    /// Like [`Store::digest_path`] but trusting the stat cache for unchanged files (used by `plan`).
+    pub fn peek_path(&self, path: &Path) -> Result<ArtifactRef> {
+        let digest_of = |p: &Path| -> Result<(Digest, u64)> {
+            let abs = std::path::absolute(p).at(p)?;
+            let meta = fs::metadata(&abs).at(&abs)?;
+            match self.statcache_get(&abs, &StatKey::of(&meta)) {
+                Some(d) => Ok((d, meta.len())),
+                None => Ok((Self::hash_file(&abs)?, meta.len())),
+            }
+        };
+        if !fs::metadata(path).at(path)?.is_dir() {
+            let (digest, size) = digest_of(path)?;
+            return Ok(ArtifactRef {
+                kind: ArtifactKind::Blob,
+                digest,
+                size,
+            });
+        }
+        let mut entries = Vec::new();
+        for (rel, p) in Self::walk(path)? {
+            let (digest, size) = digest_of(&p)?;
+            entries.push(TreeEntry {
+                path: rel,
+                digest,
+                size,
+            });
+        }
+        let tree = Tree::new(entries);
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Tree,
+            digest: Digest::of(&tree.to_bytes()),
+            size: tree.size(),
+        })
+    }
+
     /// Read a whole (small) object, verifying its digest.
     pub fn read_bytes(&self, d: &Digest) -> Result<Vec<u8>> {
         let p = self.object_path(d);

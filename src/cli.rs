@@ -1,0 +1,205 @@
+//! The command line, as clap derive types. One variant per subcommand; `commands` holds their bodies.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use fuselab::fs::LinkMode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fuselab",
+    version,
+    about = "Reproducible FuseChat-3.0 implicit model fusion: content-addressed experiments",
+    long_about = "fuselab runs experiments as DAGs of cached, content-addressed steps.\n\
+                  Every output lives in a blake3 store; every executed step leaves a run record\n\
+                  (parameters, inputs, outputs, git commit, host, tools) from which lineage is answered."
+)]
+pub struct Cli {
+    /// The artifact store directory.
+    #[arg(long, global = true, env = "FUSELAB_STORE", default_value = "artifacts")]
+    pub store: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an experiment: reuse cached steps, execute the rest.
+    Run(RunArgs),
+    /// Show an experiment's step DAG and which steps are cached or would run.
+    Plan(PlanArgs),
+    /// List experiments and recent runs.
+    List(JsonFlag),
+    /// Show a run record, an invocation or an artifact (digest prefix).
+    Show(ShowArgs),
+    /// Trace an artifact's lineage: what produced it (default) or what was derived from it.
+    Lineage(LineageArgs),
+    /// Re-execute every cached step of an experiment and compare outputs with the records.
+    Verify(ExperimentArgs),
+    /// Compare the parameters and metrics of two runs or invocations.
+    Diff(DiffArgs),
+    /// Remove objects that no run record or pinned ref reaches.
+    Gc(GcArgs),
+    /// Verify every object; report corrupt, missing and orphaned ones.
+    Fsck(JsonFlag),
+    /// Execute one step from its spec (used by out-of-process executors).
+    ExecStep(ExecStepArgs),
+    /// Low-level store operations.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Machine-readable output on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExperimentArgs {
+    /// Experiment name (see `fuselab list`).
+    pub experiment: String,
+    /// Override a parameter: `key.path=value` (value parsed as JSON, else taken as a string).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExecutorArg {
+    /// Run step bodies in this process, on threads.
+    InProcess,
+    /// Run each step as `fuselab exec-step <key>` in a child process.
+    Process,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub exp: ExperimentArgs,
+    /// Re-execute this step even if cached (repeatable).
+    #[arg(long, value_name = "STEP")]
+    pub force: Vec<String>,
+    /// Run only this step and what it depends on.
+    #[arg(long, value_name = "STEP")]
+    pub until: Option<String>,
+    /// Independent steps to run at once (default: number of CPUs).
+    #[arg(long, short)]
+    pub jobs: Option<usize>,
+    #[arg(long, value_enum, default_value = "in-process")]
+    pub executor: ExecutorArg,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub exp: ExperimentArgs,
+    /// Also write the spec of every step whose key is known, for `fuselab exec-step`.
+    #[arg(long)]
+    pub write_specs: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// A run id, an invocation id, or an artifact digest (prefix of at least 4 hex digits).
+    pub what: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LineageFormat {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Args, Debug)]
+pub struct LineageArgs {
+    /// Artifact digest or unique prefix.
+    pub digest: String,
+    /// Walk downstream: everything derived from the artifact.
+    #[arg(long)]
+    pub reverse: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: LineageFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// Run id or invocation id.
+    pub a: String,
+    /// Run id or invocation id.
+    pub b: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// List what would be removed without removing it.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecStepArgs {
+    /// Step key (or unique prefix) whose spec is under the store's specs/.
+    pub key: String,
+    #[arg(long)]
+    pub force: bool,
+    /// Invocation the step belongs to (recorded in its run record).
+    #[arg(long)]
+    pub invocation: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Add a file or directory to the store and print its digest.
+    Add {
+        path: PathBuf,
+        /// Pin it under refs/<name> so gc keeps it.
+        #[arg(long)]
+        pin: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file or directory's blake3 digest without storing it (b3sum-compatible for files).
+    Hash { path: PathBuf },
+    /// Write a stored blob to stdout, verifying it.
+    Cat { digest: String },
+    /// Materialise an artifact at a path that does not exist yet.
+    Checkout {
+        digest: String,
+        dest: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: LinkModeArg,
+    },
+}
+
+/// How `store checkout` places files.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LinkModeArg {
+    /// Reflink, else read-only hardlink, else copy.
+    Auto,
+    Reflink,
+    Hardlink,
+    Copy,
+}
+
+impl From<LinkModeArg> for LinkMode {
+    fn from(m: LinkModeArg) -> LinkMode {
+        match m {
+            LinkModeArg::Auto => LinkMode::Auto,
+            LinkModeArg::Reflink => LinkMode::Reflink,
+            LinkModeArg::Hardlink => LinkMode::Hardlink,
+            LinkModeArg::Copy => LinkMode::Copy,
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! One function per subcommand. They print; the library computes.
+
+mod inspect;
+mod run;
+mod store;
+
+pub use inspect::{diff, lineage, list, show};
+pub use run::{exec_step, plan, run, verify};
+pub use store::{fsck, gc, store};
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use fuselab::store::Store;
+use indicatif::{MultiProgress, ProgressDrawTarget};
+
+/// Exit status of a command that ran to completion: 0, or 1 when a check found problems.
+pub type Status = anyhow::Result<i32>;
+
+pub fn open_store(path: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open(path).with_context(|| format!("opening the store at {}", path.display()))
+}
+
+/// Progress bars on stderr, drawn only when it is a terminal.
+pub fn progress() -> MultiProgress {
+    MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
+}
+
+pub fn project_dir() -> anyhow::Result<PathBuf> {
+    std::env::current_dir().context("reading the current directory")
+}
+
+pub fn print_json(v: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("output serialises")
+    );
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,154 @@
+//! `run`, `plan`, `verify`, `exec-step`: the commands that execute experiments.
+
+use fuselab::experiments::registry;
+use fuselab::recipe::{self, ExecutorKind, PlanStatus, RunOptions, StepStatus, VerifyStatus};
+
+use super::{open_store, print_json, progress, project_dir, Status};
+use crate::cli::{ExecStepArgs, ExecutorArg, ExperimentArgs, PlanArgs, RunArgs};
+
+fn instantiate(args: &ExperimentArgs) -> anyhow::Result<recipe::Experiment> {
+    let reg = registry();
+    let def = recipe::find(&reg, &args.experiment)?;
+    let params = def.resolve_params(&args.set)?;
+    Ok(def.instantiate(&params)?)
+}
+
+pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
+    let exp = instantiate(&args.exp)?;
+    let store = open_store(store_path)?;
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let opts = RunOptions {
+        force: args.force.clone(),
+        until: args.until.clone(),
+        jobs,
+        executor: match args.executor {
+            ExecutorArg::InProcess => ExecutorKind::InProcess,
+            ExecutorArg::Process => ExecutorKind::Process,
+        },
+        project: project_dir()?,
+        overrides: args.exp.set.clone(),
+        progress: progress(),
+    };
+    let mut report = recipe::run(&store, &exp, &opts)?;
+    if args.exp.json {
+        print_json(&report);
+    } else {
+        let ran = report
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Ran)
+            .count();
+        eprintln!(
+            "{}: {} steps, {ran} executed, {} cached in {:.2}s (invocation {})",
+            report.experiment,
+            report.steps.len(),
+            report
+                .steps
+                .iter()
+                .filter(|s| s.status == StepStatus::Cached)
+                .count(),
+            report.duration_s,
+            report.invocation
+        );
+    }
+    match report.failure.take() {
+        Some(e) => Err(anyhow::Error::new(e).context(format!(
+            "experiment `{}` did not complete (invocation {})",
+            report.experiment, report.invocation
+        ))),
+        None => Ok(0),
+    }
+}
+
+pub fn plan(store_path: &std::path::Path, args: &PlanArgs) -> Status {
+    let exp = instantiate(&args.exp)?;
+    let store = open_store(store_path)?;
+    let entries = recipe::plan(&store, &exp, &project_dir()?, args.write_specs)?;
+    if args.exp.json {
+        print_json(&entries);
+        return Ok(0);
+    }
+    println!("experiment {}", exp.name());
+    for e in &entries {
+        let status = match e.status {
+            PlanStatus::Cached => "cached",
+            PlanStatus::Run => "run",
+            PlanStatus::Pending => "run (after inputs)",
+            PlanStatus::Missing => "MISSING",
+        };
+        let key = e.key.map(|k| k.short()).unwrap_or_else(|| "-".repeat(12));
+        let inputs = if e.inputs.is_empty() {
+            String::new()
+        } else {
+            format!(" <- {}", e.inputs.join(", "))
+        };
+        println!(
+            "  {:<18} {key}  {:<20} {} v{}{inputs}",
+            status, e.step, e.kind, e.version
+        );
+    }
+    Ok(0)
+}
+
+pub fn verify(store_path: &std::path::Path, args: &ExperimentArgs) -> Status {
+    let exp = instantiate(args)?;
+    let store = open_store(store_path)?;
+    let entries = recipe::verify(&store, &exp, &project_dir()?, &progress())?;
+    let bad = entries
+        .iter()
+        .filter(|e| matches!(e.status, VerifyStatus::Differs | VerifyStatus::Failed))
+        .count();
+    if args.json {
+        print_json(&entries);
+    } else {
+        for e in &entries {
+            let status = match e.status {
+                VerifyStatus::Identical => "identical",
+                VerifyStatus::WithinTolerance => "within tolerance",
+                VerifyStatus::Differs => "DIFFERS",
+                VerifyStatus::NotRun => "not run",
+                VerifyStatus::Failed => "FAILED",
+            };
+            let detail = e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+            println!("  {status:<17} {}{detail}", e.step);
+        }
+        println!(
+            "{}: {} of {} steps reproduced",
+            exp.name(),
+            entries
+                .iter()
+                .filter(|e| matches!(
+                    e.status,
+                    VerifyStatus::Identical | VerifyStatus::WithinTolerance
+                ))
+                .count(),
+            entries.len()
+        );
+    }
+    Ok(if bad > 0 { 1 } else { 0 })
+}
+
+pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
+    let store = open_store(store_path)?;
+    let (spec, done) = recipe::exec_step(
+        &store,
+        &registry(),
+        &args.key,
+        args.force,
+        &project_dir()?,
+        args.invocation.clone(),
+        progress(),
+    )?;
+    print_json(&serde_json::json!({
+        "key": spec.key,
+        "step": spec.step,
+        "status": if done.ran { "ran" } else { "cached" },
+        "run_id": done.entry.run_id,
+        "outputs": done.entry.outputs,
+    }));
+    Ok(0)
+}

@@ -1,0 +1,111 @@
+//! `gc`, `fsck` and `store add|hash|cat|checkout`.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use fuselab::recipe::records::Records;
+use fuselab::store::Store;
+
+use super::{human_bytes, open_store, print_json, Status};
+use crate::cli::{GcArgs, JsonFlag, StoreCommand};
+
+pub fn gc(store_path: &std::path::Path, args: &GcArgs) -> Status {
+    let store = open_store(store_path)?;
+    let roots = Records::new(&store).roots()?;
+    let report = store.gc(&roots, args.dry_run)?;
+    if args.json {
+        print_json(&report);
+        return Ok(0);
+    }
+    let verb = if args.dry_run { "would remove" } else { "removed" };
+    for (d, size) in &report.removed_objects {
+        println!("{verb} {d} ({})", human_bytes(*size));
+    }
+    println!(
+        "{verb} {} objects ({}), {} checkouts, {} temporary files; kept {} objects",
+        report.removed_objects.len(),
+        human_bytes(report.bytes_freed),
+        report.removed_checkouts,
+        report.removed_temp_files,
+        report.objects_kept
+    );
+    Ok(0)
+}
+
+pub fn fsck(store_path: &std::path::Path, args: &JsonFlag) -> Status {
+    let store = open_store(store_path)?;
+    let records = Records::new(&store);
+    let roots = records.roots()?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("fsck {bar:30} {pos}/{len} objects").expect("valid"));
+    let report = store.fsck(&roots, &bar)?;
+    bar.finish_and_clear();
+    if args.json {
+        print_json(&serde_json::json!({"clean": report.is_clean(), "report": report}));
+    } else {
+        for c in &report.corrupt {
+            println!("corrupt  {} at {}: content hashes to {}", c.digest, c.path.display(), c.actual);
+        }
+        for m in &report.missing {
+            println!("missing  {} referenced by {}", m.digest, m.referenced_by);
+        }
+        for s in &report.stray_files {
+            println!("stray    {}", s.display());
+        }
+        for o in &report.orphaned {
+            println!("orphaned {o} (nothing references it; `fuselab gc` removes it)");
+        }
+        println!(
+            "checked {} objects ({}): {} corrupt, {} missing, {} orphaned, {} temporary files; {}",
+            report.objects_checked,
+            human_bytes(report.bytes_checked),
+            report.corrupt.len(),
+            report.missing.len(),
+            report.orphaned.len(),
+            report.temp_files,
+            if report.is_clean() { "clean" } else { "NOT CLEAN" }
+        );
+    }
+    Ok(if report.is_clean() { 0 } else { 1 })
+}
+
+pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
+    match cmd {
+        StoreCommand::Hash { path } => {
+            let a = Store::digest_path(path)?;
+            println!("{}  {}", a.digest, path.display());
+        }
+        StoreCommand::Add { path, pin, json } => {
+            let store = open_store(store_path)?;
+            let _lock = store.lock_shared()?;
+            let a = store.put_path(path)?;
+            if let Some(name) = pin {
+                store.set_ref(
+                    &format!("pins/{name}"),
+                    [(path.display().to_string(), a.clone())].into_iter().collect(),
+                )?;
+            }
+            if *json {
+                print_json(&a);
+            } else {
+                println!("{}  {}", a.digest, path.display());
+            }
+        }
+        StoreCommand::Cat { digest } => {
+            let store = open_store(store_path)?;
+            let d = store.resolve_prefix(digest)?;
+            store.cat(&d, &mut std::io::stdout().lock())?;
+        }
+        StoreCommand::Checkout { digest, dest, mode } => {
+            let store = open_store(store_path)?;
+            let d = store.resolve_prefix(digest)?;
+            let kind = if store.read_tree(&d).is_ok() {
+                fuselab::store::ArtifactKind::Tree
+            } else {
+                fuselab::store::ArtifactKind::Blob
+            };
+            let size = std::fs::metadata(store.object_path(&d)).map(|m| m.len()).unwrap_or(0);
+            store.checkout(&fuselab::store::ArtifactRef { kind, digest: d, size }, dest, (*mode).into())?;
+            eprintln!("checked out {} at {}", d.short(), dest.display());
+        }
+    }
+    Ok(0)
+}
