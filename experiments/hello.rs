@@ -93,8 +93,7 @@ fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, BoxEr
     text.lines()
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1).into())
+            serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1).into())
         })
         .collect()
 }
@@ -136,16 +135,25 @@ fn build(exp: &mut Experiment, p: &HelloParams) -> Result<()> {
             let mut lines = Vec::new();
             let mut total = 0usize;
             for f in &files {
-                let text = fs::read_to_string(f)
-                    .map_err(|e| format!("{}: {e}", f.display()))?;
+                let text = fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
                 let words: Vec<String> = text
                     .split(|c: char| !c.is_alphanumeric())
                     .filter(|w| !w.is_empty())
-                    .map(|w| if prm.lowercase { w.to_lowercase() } else { w.to_string() })
+                    .map(|w| {
+                        if prm.lowercase {
+                            w.to_lowercase()
+                        } else {
+                            w.to_string()
+                        }
+                    })
                     .collect();
                 total += words.len();
                 let rec = FileWords {
-                    file: f.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                    file: f
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
                     words,
                 };
                 lines.push(serde_json::to_string(&rec)?);

@@ -17,7 +17,12 @@ use fuselab::fs::LinkMode;
 )]
 pub struct Cli {
     /// The artifact store directory.
-    #[arg(long, global = true, env = "FUSELAB_STORE", default_value = "artifacts")]
+    #[arg(
+        long,
+        global = true,
+        env = "FUSELAB_STORE",
+        default_value = "artifacts"
+    )]
     pub store: PathBuf,
 
     #[command(subcommand)]

@@ -138,7 +138,10 @@ pub fn reflink(src: &Path, dest: &Path) -> io::Result<()> {
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (src, dest);
-        Err(io::Error::new(io::ErrorKind::Unsupported, "reflink is only implemented on Linux"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "reflink is only implemented on Linux",
+        ))
     }
 }
 
@@ -235,7 +238,11 @@ impl FileLock {
     /// Try to take the lock without waiting; `None` if another process holds it.
     pub fn try_lock(path: &Path, exclusive: bool) -> io::Result<Option<FileLock>> {
         let file = Self::open(path)?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        } | libc::LOCK_NB;
         Ok(Self::flock(&file, op)?.then(|| FileLock {
             file,
             path: path.to_path_buf(),
@@ -245,7 +252,11 @@ impl FileLock {
     /// Wait for the lock.
     pub fn lock(path: &Path, exclusive: bool) -> io::Result<FileLock> {
         let file = Self::open(path)?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
         Self::flock(&file, op)?;
         Ok(FileLock {
             file,

@@ -65,7 +65,10 @@ pub fn list(store_path: &std::path::Path, args: &JsonFlag) -> Status {
 
 fn print_run(r: &RunRecord) {
     println!("run {}", r.run_id);
-    println!("  step        {}/{} (kind {}, v{})", r.experiment, r.step, r.kind, r.version);
+    println!(
+        "  step        {}/{} (kind {}, v{})",
+        r.experiment, r.step, r.kind, r.version
+    );
     println!("  status      {:?}", r.status);
     if let Some(e) = &r.error {
         println!("  error       {e}");
@@ -79,7 +82,12 @@ fn print_run(r: &RunRecord) {
     }
     println!("  seed        {}", r.seed);
     for i in &r.inputs {
-        println!("  input       {} {} ({})", i.name, i.artifact.digest, human_bytes(i.artifact.size));
+        println!(
+            "  input       {} {} ({})",
+            i.name,
+            i.artifact.digest,
+            human_bytes(i.artifact.size)
+        );
     }
     if let Some(o) = &r.outputs {
         println!("  output      {} ({})", o.digest, human_bytes(o.size));
@@ -151,7 +159,12 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
                 print_json(&inv);
             } else {
                 println!("invocation {} of {}", inv.id, inv.experiment);
-                println!("  started {} ({:.2}s), {}", inv.started_at, inv.duration_s, if inv.succeeded { "succeeded" } else { "FAILED" });
+                println!(
+                    "  started {} ({:.2}s), {}",
+                    inv.started_at,
+                    inv.duration_s,
+                    if inv.succeeded { "succeeded" } else { "FAILED" }
+                );
                 if let Some(e) = &inv.error {
                     println!("  error {e}");
                 }
@@ -160,7 +173,10 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
                         "  {:<8} {:<16} {}  {}",
                         format!("{:?}", s.status).to_lowercase(),
                         s.step,
-                        s.outputs.as_ref().map(|o| o.digest.short()).unwrap_or_default(),
+                        s.outputs
+                            .as_ref()
+                            .map(|o| o.digest.short())
+                            .unwrap_or_default(),
                         s.run_id.as_deref().unwrap_or("")
                     );
                 }
@@ -177,7 +193,9 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
     let index = LineageIndex::new(records.runs()?);
     let d = resolve_digest(&store, &index, &args.what)?;
     let tree = store.read_tree(&d).ok();
-    let size = std::fs::metadata(store.object_path(&d)).map(|m| m.len()).ok();
+    let size = std::fs::metadata(store.object_path(&d))
+        .map(|m| m.len())
+        .ok();
     let producers: Vec<Value> = records
         .runs()?
         .into_iter()
@@ -199,9 +217,18 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
     match (&tree, size) {
         (_, None) => println!("  not in the store (gc'd, or only mentioned by records)"),
         (Some(t), _) => {
-            println!("  tree of {} files, {}", t.entries.len(), human_bytes(t.size()));
+            println!(
+                "  tree of {} files, {}",
+                t.entries.len(),
+                human_bytes(t.size())
+            );
             for e in &t.entries {
-                println!("    {}  {:>10}  {}", e.digest.short(), human_bytes(e.size), e.path);
+                println!(
+                    "    {}  {:>10}  {}",
+                    e.digest.short(),
+                    human_bytes(e.size),
+                    e.path
+                );
             }
         }
         (None, Some(n)) => println!("  blob, {}", human_bytes(n)),
@@ -270,8 +297,17 @@ fn flatten_target(records: &Records, id: &str) -> anyhow::Result<BTreeMap<String
             out.insert(format!("params.{k}"), v);
         }
         for s in &inv.steps {
-            out.insert(format!("{}.outputs", s.step), json!(s.outputs.as_ref().map(|o| o.digest)));
-            if let Some(r) = s.run_id.as_deref().map(|id| records.run(id)).transpose()?.flatten() {
+            out.insert(
+                format!("{}.outputs", s.step),
+                json!(s.outputs.as_ref().map(|o| o.digest)),
+            );
+            if let Some(r) = s
+                .run_id
+                .as_deref()
+                .map(|id| records.run(id))
+                .transpose()?
+                .flatten()
+            {
                 for (k, v) in flatten(&json!({"metrics": r.metrics, "version": r.version})) {
                     out.insert(format!("{}.{k}", s.step), v);
                 }
@@ -279,7 +315,10 @@ fn flatten_target(records: &Records, id: &str) -> anyhow::Result<BTreeMap<String
         }
         return Ok(out);
     }
-    Err(RecipeError::NotFound { what: id.to_string() }.into())
+    Err(RecipeError::NotFound {
+        what: id.to_string(),
+    }
+    .into())
 }
 
 pub fn diff(store_path: &std::path::Path, args: &DiffArgs) -> Status {
@@ -303,14 +342,21 @@ pub fn diff(store_path: &std::path::Path, args: &DiffArgs) -> Status {
         }
     }
     if args.json {
-        print_json(&json!({"a": args.a, "b": args.b, "changed": changed, "only_a": only_a, "only_b": only_b}));
+        print_json(
+            &json!({"a": args.a, "b": args.b, "changed": changed, "only_a": only_a, "only_b": only_b}),
+        );
         return Ok(0);
     }
     if changed.is_empty() && only_a.is_empty() && only_b.is_empty() {
         println!("no differences in parameters, metrics or outputs");
     }
     for c in &changed {
-        println!("  {}: {} -> {}", c["key"].as_str().unwrap_or(""), c["a"], c["b"]);
+        println!(
+            "  {}: {} -> {}",
+            c["key"].as_str().unwrap_or(""),
+            c["a"],
+            c["b"]
+        );
     }
     for c in &only_a {
         println!("- {}: {}", c["key"].as_str().unwrap_or(""), c["value"]);

@@ -113,7 +113,11 @@ pub fn verify(store_path: &std::path::Path, args: &ExperimentArgs) -> Status {
                 VerifyStatus::NotRun => "not run",
                 VerifyStatus::Failed => "FAILED",
             };
-            let detail = e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+            let detail = e
+                .detail
+                .as_deref()
+                .map(|d| format!("  {d}"))
+                .unwrap_or_default();
             println!("  {status:<17} {}{detail}", e.step);
         }
         println!(

@@ -1,8 +1,8 @@
 //! `gc`, `fsck` and `store add|hash|cat|checkout`.
 
-use indicatif::{ProgressBar, ProgressStyle};
 use fuselab::recipe::records::Records;
 use fuselab::store::Store;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{human_bytes, open_store, print_json, Status};
 use crate::cli::{GcArgs, JsonFlag, StoreCommand};
@@ -15,7 +15,11 @@ pub fn gc(store_path: &std::path::Path, args: &GcArgs) -> Status {
         print_json(&report);
         return Ok(0);
     }
-    let verb = if args.dry_run { "would remove" } else { "removed" };
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     for (d, size) in &report.removed_objects {
         println!("{verb} {d} ({})", human_bytes(*size));
     }
@@ -35,14 +39,21 @@ pub fn fsck(store_path: &std::path::Path, args: &JsonFlag) -> Status {
     let records = Records::new(&store);
     let roots = records.roots()?;
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("fsck {bar:30} {pos}/{len} objects").expect("valid"));
+    bar.set_style(
+        ProgressStyle::with_template("fsck {bar:30} {pos}/{len} objects").expect("valid"),
+    );
     let report = store.fsck(&roots, &bar)?;
     bar.finish_and_clear();
     if args.json {
         print_json(&serde_json::json!({"clean": report.is_clean(), "report": report}));
     } else {
         for c in &report.corrupt {
-            println!("corrupt  {} at {}: content hashes to {}", c.digest, c.path.display(), c.actual);
+            println!(
+                "corrupt  {} at {}: content hashes to {}",
+                c.digest,
+                c.path.display(),
+                c.actual
+            );
         }
         for m in &report.missing {
             println!("missing  {} referenced by {}", m.digest, m.referenced_by);
@@ -61,7 +72,11 @@ pub fn fsck(store_path: &std::path::Path, args: &JsonFlag) -> Status {
             report.missing.len(),
             report.orphaned.len(),
             report.temp_files,
-            if report.is_clean() { "clean" } else { "NOT CLEAN" }
+            if report.is_clean() {
+                "clean"
+            } else {
+                "NOT CLEAN"
+            }
         );
     }
     Ok(if report.is_clean() { 0 } else { 1 })
@@ -80,7 +95,9 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
             if let Some(name) = pin {
                 store.set_ref(
                     &format!("pins/{name}"),
-                    [(path.display().to_string(), a.clone())].into_iter().collect(),
+                    [(path.display().to_string(), a.clone())]
+                        .into_iter()
+                        .collect(),
                 )?;
             }
             if *json {
@@ -102,8 +119,18 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
             } else {
                 fuselab::store::ArtifactKind::Blob
             };
-            let size = std::fs::metadata(store.object_path(&d)).map(|m| m.len()).unwrap_or(0);
-            store.checkout(&fuselab::store::ArtifactRef { kind, digest: d, size }, dest, (*mode).into())?;
+            let size = std::fs::metadata(store.object_path(&d))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            store.checkout(
+                &fuselab::store::ArtifactRef {
+                    kind,
+                    digest: d,
+                    size,
+                },
+                dest,
+                (*mode).into(),
+            )?;
             eprintln!("checked out {} at {}", d.short(), dest.display());
         }
     }

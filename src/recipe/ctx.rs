@@ -88,7 +88,7 @@ impl StepCtx {
             )
             .expect("valid template"),
         );
-        bar.set_prefix(format!("{}", self.step));
+        bar.set_prefix(self.step.clone());
         bar.set_message(what.to_string());
         bar
     }

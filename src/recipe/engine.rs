@@ -183,6 +183,9 @@ fn invoke_body(
 ) -> Result<(PathBuf, BTreeMap<String, f64>)> {
     let mut inputs = Vec::new();
     for i in &spec.inputs {
+        // Inputs are re-hashed before every execution: a corrupted object must fail the step
+        // loudly rather than flow silently into a checkpoint or a score.
+        store.verify_artifact(&i.artifact)?;
         inputs.push((i.name.clone(), store.materialize(&i.artifact)?));
     }
     let scratch = store.scratch_dir("step")?;
@@ -362,22 +365,24 @@ impl Executor for Subprocess {
         if !out.status.success() {
             return Err(RecipeError::Subprocess {
                 step: spec.step.clone(),
-                message: format!("`fuselab exec-step {}` exited with {}", spec.key, out.status),
+                message: format!(
+                    "`fuselab exec-step {}` exited with {}",
+                    spec.key, out.status
+                ),
             });
         }
-        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-            RecipeError::Subprocess {
+        let reply: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| RecipeError::Subprocess {
                 step: spec.step.clone(),
                 message: format!("unreadable reply from exec-step: {e}"),
-            }
-        })?;
-        let entry =
-            env.records
-                .cache_get(&spec.key)?
-                .ok_or_else(|| RecipeError::Subprocess {
-                    step: spec.step.clone(),
-                    message: "exec-step succeeded but left no cache entry".into(),
-                })?;
+            })?;
+        let entry = env
+            .records
+            .cache_get(&spec.key)?
+            .ok_or_else(|| RecipeError::Subprocess {
+                step: spec.step.clone(),
+                message: "exec-step succeeded but left no cache entry".into(),
+            })?;
         Ok(Executed {
             entry,
             ran: reply["status"] == "ran",
@@ -650,11 +655,8 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                                     }
                                     Ok(None) => {}
                                     Err(e) => {
-                                        reports[i] = Some(failed_report(
-                                            &node.def.name,
-                                            Some(spec.key),
-                                            &e,
-                                        ));
+                                        reports[i] =
+                                            Some(failed_report(&node.def.name, Some(spec.key), &e));
                                         state[i] = State::Failed;
                                         failure = Some(e);
                                         break;
@@ -953,7 +955,13 @@ pub fn verify(
             NodeKind::Source { path } => {
                 let abs = source_path(project, path);
                 if fs::symlink_metadata(&abs).is_err() {
-                    out.push(entry(VerifyStatus::NotRun, None, None, None, Some(format!("{} is missing", abs.display()))));
+                    out.push(entry(
+                        VerifyStatus::NotRun,
+                        None,
+                        None,
+                        None,
+                        Some(format!("{} is missing", abs.display())),
+                    ));
                     continue;
                 }
                 let fresh = Store::digest_path(&abs)?;
@@ -961,8 +969,20 @@ pub fn verify(
                 let cached = records.cache_get(&key)?;
                 known[i] = Some(fresh.clone());
                 out.push(match cached {
-                    Some(c) => entry(VerifyStatus::Identical, Some(key), Some(c.outputs.digest), Some(fresh.digest), None),
-                    None => entry(VerifyStatus::NotRun, Some(key), None, Some(fresh.digest), Some("source content not yet ingested by a run".into())),
+                    Some(c) => entry(
+                        VerifyStatus::Identical,
+                        Some(key),
+                        Some(c.outputs.digest),
+                        Some(fresh.digest),
+                        None,
+                    ),
+                    None => entry(
+                        VerifyStatus::NotRun,
+                        Some(key),
+                        None,
+                        Some(fresh.digest),
+                        Some("source content not yet ingested by a run".into()),
+                    ),
                 });
             }
             NodeKind::Step { body } => {
@@ -977,18 +997,39 @@ pub fn verify(
                     })
                     .collect();
                 let Some(inputs) = inputs else {
-                    out.push(entry(VerifyStatus::NotRun, None, None, None, Some("an upstream step has not run".into())));
+                    out.push(entry(
+                        VerifyStatus::NotRun,
+                        None,
+                        None,
+                        None,
+                        Some("an upstream step has not run".into()),
+                    ));
                     continue;
                 };
                 let spec = spec_for(exp, i, inputs);
                 let Some(cached) = records.cache_get(&spec.key)? else {
-                    out.push(entry(VerifyStatus::NotRun, Some(spec.key), None, None, None));
+                    out.push(entry(
+                        VerifyStatus::NotRun,
+                        Some(spec.key),
+                        None,
+                        None,
+                        None,
+                    ));
                     continue;
                 };
                 known[i] = Some(cached.outputs.clone());
-                log(progress, &format!("  verify  {:<16} {}", node.def.name, spec.key.short()));
+                log(
+                    progress,
+                    &format!("  verify  {:<16} {}", node.def.name, spec.key.short()),
+                );
                 match invoke_body(store, &records, &spec, body, progress) {
-                    Err(e) => out.push(entry(VerifyStatus::Failed, Some(spec.key), Some(cached.outputs.digest), None, Some(e.to_string()))),
+                    Err(e) => out.push(entry(
+                        VerifyStatus::Failed,
+                        Some(spec.key),
+                        Some(cached.outputs.digest),
+                        None,
+                        Some(e.to_string()),
+                    )),
                     Ok((scratch, metrics)) => {
                         let fresh = Store::digest_dir(&scratch.join("out"));
                         let _ = xfs::remove_tree(&scratch);
@@ -996,7 +1037,9 @@ pub fn verify(
                         let same = fresh.digest == cached.outputs.digest;
                         let (status, detail) = match (&node.def.determinism, same) {
                             (_, true) => (VerifyStatus::Identical, None),
-                            (Determinism::Exact, false) => (VerifyStatus::Differs, Some("outputs differ".to_string())),
+                            (Determinism::Exact, false) => {
+                                (VerifyStatus::Differs, Some("outputs differ".to_string()))
+                            }
                             (Determinism::Metrics { rel_tol }, false) => {
                                 match metrics_differ(&cached.metrics, &metrics, *rel_tol) {
                                     None => (VerifyStatus::WithinTolerance, None),
@@ -1004,7 +1047,13 @@ pub fn verify(
                                 }
                             }
                         };
-                        out.push(entry(status, Some(spec.key), Some(cached.outputs.digest), Some(fresh.digest), detail));
+                        out.push(entry(
+                            status,
+                            Some(spec.key),
+                            Some(cached.outputs.digest),
+                            Some(fresh.digest),
+                            detail,
+                        ));
                     }
                 }
             }

@@ -128,13 +128,21 @@ mod tests {
     #[test]
     fn key_depends_on_everything_that_matters() {
         let base = spec(1, json!({"a": 1, "b": [1, 2]}), 0, 7).key;
-        assert_eq!(base, spec(1, json!({"b": [1, 2], "a": 1}), 0, 7).key, "key order is irrelevant");
+        assert_eq!(
+            base,
+            spec(1, json!({"b": [1, 2], "a": 1}), 0, 7).key,
+            "key order is irrelevant"
+        );
         assert_ne!(base, spec(2, json!({"a": 1, "b": [1, 2]}), 0, 7).key);
         assert_ne!(base, spec(1, json!({"a": 2, "b": [1, 2]}), 0, 7).key);
         assert_ne!(base, spec(1, json!({"a": 1, "b": [1, 2]}), 1, 7).key);
         assert_ne!(base, spec(1, json!({"a": 1, "b": [1, 2]}), 0, 8).key);
         let mut other = spec(1, json!({"a": 1, "b": [1, 2]}), 0, 7);
         other.experiment_params = json!({"different": 1});
-        assert_eq!(base, other.compute_key(), "experiment params enter only through step params");
+        assert_eq!(
+            base,
+            other.compute_key(),
+            "experiment params enter only through step params"
+        );
     }
 }

@@ -227,6 +227,41 @@ impl LineageIndex {
     }
 }
 
+/// Writes the upstream tree, one artifact per line, indented by depth.
+struct UpWriter<'a> {
+    runs: &'a BTreeMap<Digest, &'a LineageRun>,
+    arts: &'a BTreeMap<Digest, &'a LineageArtifact>,
+    describe: &'a dyn Fn(&LineageRun) -> String,
+    seen: BTreeSet<Digest>,
+    out: &'a mut String,
+}
+
+impl UpWriter<'_> {
+    fn write(&mut self, d: Digest, depth: usize, label: &str) {
+        let pad = "  ".repeat(depth);
+        let a = self.arts.get(&d);
+        let kind = a
+            .map(|a| format!("{:?}", a.kind).to_lowercase())
+            .unwrap_or_default();
+        self.out
+            .push_str(&format!("{pad}{label}{} {kind}", d.short()));
+        match (self.runs.get(&d), a.and_then(|a| a.raw_input.as_ref())) {
+            (_, Some(path)) => self.out.push_str(&format!("  raw input `{path}`\n")),
+            (Some(r), None) => {
+                let r = *r;
+                self.out.push_str(&format!("  <- {}\n", (self.describe)(r)));
+                if !self.seen.insert(d) {
+                    return;
+                }
+                for i in &r.inputs {
+                    self.write(i.digest, depth + 1, &format!("{}: ", i.name));
+                }
+            }
+            (None, None) => self.out.push_str("  (no run record)\n"),
+        }
+    }
+}
+
 impl Lineage {
     /// An indented tree for people.
     pub fn to_text(&self) -> String {
@@ -239,7 +274,10 @@ impl Lineage {
             let git = match &r.git {
                 Some(g) => format!(
                     " commit {}{}",
-                    g.commit.as_deref().map(|c| &c[..c.len().min(10)]).unwrap_or("none"),
+                    g.commit
+                        .as_deref()
+                        .map(|c| &c[..c.len().min(10)])
+                        .unwrap_or("none"),
                     if g.dirty { " (dirty)" } else { "" }
                 ),
                 None => String::new(),
@@ -256,39 +294,20 @@ impl Lineage {
         };
         match self.direction {
             Direction::Up => {
-                fn up(
-                    d: Digest,
-                    depth: usize,
-                    label: &str,
-                    runs: &BTreeMap<Digest, &LineageRun>,
-                    arts: &BTreeMap<Digest, &LineageArtifact>,
-                    describe: &dyn Fn(&LineageRun) -> String,
-                    seen: &mut BTreeSet<Digest>,
-                    out: &mut String,
-                ) {
-                    let pad = "  ".repeat(depth);
-                    let a = arts.get(&d);
-                    let kind = a.map(|a| format!("{:?}", a.kind).to_lowercase()).unwrap_or_default();
-                    out.push_str(&format!("{pad}{label}{} {kind}", d.short()));
-                    match (runs.get(&d), a.and_then(|a| a.raw_input.as_ref())) {
-                        (_, Some(path)) => out.push_str(&format!("  raw input `{path}`\n")),
-                        (Some(r), None) => {
-                            out.push_str(&format!("  <- {}\n", describe(r)));
-                            if !seen.insert(d) {
-                                return;
-                            }
-                            for i in &r.inputs {
-                                up(i.digest, depth + 1, &format!("{}: ", i.name), runs, arts, describe, seen, out);
-                            }
-                        }
-                        (None, None) => out.push_str("  (no run record)\n"),
-                    }
-                }
-                let mut seen = BTreeSet::new();
-                up(self.root, 0, "", &runs_by_output, &artifacts, &describe_run, &mut seen, &mut out);
+                let mut w = UpWriter {
+                    runs: &runs_by_output,
+                    arts: &artifacts,
+                    describe: &describe_run,
+                    seen: BTreeSet::new(),
+                    out: &mut out,
+                };
+                w.write(self.root, 0, "");
             }
             Direction::Down => {
-                out.push_str(&format!("{} and everything derived from it:\n", self.root.short()));
+                out.push_str(&format!(
+                    "{} and everything derived from it:\n",
+                    self.root.short()
+                ));
                 for r in &self.runs {
                     let from: Vec<String> = r
                         .inputs
@@ -316,7 +335,10 @@ impl Lineage {
                 Some(p) => format!("{}\\n{}", a.digest.short(), p.replace('"', "'")),
                 None => a.digest.short(),
             };
-            s.push_str(&format!("  \"a{}\" [shape=box,label=\"{label}\"];\n", a.digest));
+            s.push_str(&format!(
+                "  \"a{}\" [shape=box,label=\"{label}\"];\n",
+                a.digest
+            ));
         }
         for r in &self.runs {
             s.push_str(&format!(

@@ -284,12 +284,11 @@ impl ExperimentDef {
             description,
             defaults,
             build: Box::new(move |exp, v| {
-                let p: P = serde_json::from_value(v.clone()).map_err(|e| {
-                    RecipeError::BadParams {
+                let p: P =
+                    serde_json::from_value(v.clone()).map_err(|e| RecipeError::BadParams {
                         experiment: exp.name.clone(),
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 build(exp, &p)
             }),
         }

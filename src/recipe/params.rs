@@ -99,8 +99,13 @@ mod tests {
         set_param(&mut p, "a.s=hello world").unwrap();
         set_param(&mut p, "a.f=2").unwrap();
         set_param(&mut p, "flag=false").unwrap();
-        assert_eq!(p, json!({"a": {"b": 7, "s": "hello world", "f": 2}, "flag": false}));
-        for bad in ["a.b", "a.zz=1", "a.b=abc", "a.b=-1", "flag.x=1", "=3", "a.b.c=1"] {
+        assert_eq!(
+            p,
+            json!({"a": {"b": 7, "s": "hello world", "f": 2}, "flag": false})
+        );
+        for bad in [
+            "a.b", "a.zz=1", "a.b=abc", "a.b=-1", "flag.x=1", "=3", "a.b.c=1",
+        ] {
             let err = set_param(&mut p, bad).unwrap_err().to_string();
             assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
         }

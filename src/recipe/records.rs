@@ -218,7 +218,11 @@ impl Records {
     }
 
     pub fn write_run(&self, r: &RunRecord) -> Result<()> {
-        self.write(&self.dir("runs").join(format!("{}.json", r.run_id)), r, true)
+        self.write(
+            &self.dir("runs").join(format!("{}.json", r.run_id)),
+            r,
+            true,
+        )
     }
 
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
@@ -233,7 +237,11 @@ impl Records {
                 out.push(r);
             }
         }
-        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.run_id.cmp(&b.run_id)));
+        out.sort_by(|a, b| {
+            a.started_at
+                .cmp(&b.started_at)
+                .then(a.run_id.cmp(&b.run_id))
+        });
         Ok(out)
     }
 

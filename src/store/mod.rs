@@ -191,8 +191,7 @@ impl Store {
                     store_format: STORE_FORMAT,
                 })
                 .expect("serialises");
-                xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true)
-                    .at(&format_path)?;
+                xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true).at(&format_path)?;
             }
             Err(e) => return Err(PathError::new(&format_path, e).into()),
         }
@@ -288,12 +287,7 @@ impl Store {
         };
         let bytes = serde_json::to_vec(&entry).expect("serialises");
         // A cache: losing an entry only costs a re-hash, so no fsync.
-        let _ = xfs::atomic_write(
-            &self.tmp_dir(),
-            &self.statcache_path(abs),
-            &bytes,
-            false,
-        );
+        let _ = xfs::atomic_write(&self.tmp_dir(), &self.statcache_path(abs), &bytes, false);
     }
 
     /// Add a file that lives outside the store (it is copied; the original is untouched).
@@ -367,13 +361,14 @@ impl Store {
             for entry in fs::read_dir(&d).at(&d)? {
                 let entry = entry.at(&d)?;
                 let p = entry.path();
-                let name = entry
-                    .file_name()
-                    .into_string()
-                    .map_err(|_| StoreError::Unsupported {
-                        path: p.clone(),
-                        reason: "file names must be UTF-8".into(),
-                    })?;
+                let name =
+                    entry
+                        .file_name()
+                        .into_string()
+                        .map_err(|_| StoreError::Unsupported {
+                            path: p.clone(),
+                            reason: "file names must be UTF-8".into(),
+                        })?;
                 let rel = if prefix.is_empty() {
                     name
                 } else {
@@ -553,6 +548,19 @@ impl Store {
         Ok(())
     }
 
+    /// Re-hash every object of an artifact (all files of a tree), in parallel.
+    pub fn verify_artifact(&self, a: &ArtifactRef) -> Result<()> {
+        match a.kind {
+            ArtifactKind::Blob => self.verify_object(&a.digest),
+            ArtifactKind::Tree => {
+                let tree = self.read_tree(&a.digest)?;
+                tree.entries
+                    .par_iter()
+                    .try_for_each(|e| self.verify_object(&e.digest))
+            }
+        }
+    }
+
     /// Check out an artifact at `dest` (which must not exist).
     pub fn checkout(&self, a: &ArtifactRef, dest: &Path, mode: LinkMode) -> Result<()> {
         if fs::symlink_metadata(dest).is_ok() {
@@ -607,18 +615,16 @@ impl Store {
                 }
                 let scratch = self.scratch_dir("co")?;
                 let staged = scratch.join("tree");
-                let res = self
-                    .checkout(a, &staged, LinkMode::Auto)
-                    .and_then(|_| {
-                        let parent = dest.parent().expect("has parent");
-                        fs::create_dir_all(parent).at(parent)?;
-                        match fs::rename(&staged, &dest) {
-                            Ok(()) => Ok(()),
-                            // Another process materialised it first; theirs is identical.
-                            Err(_) if dest.is_dir() => Ok(()),
-                            Err(e) => Err(PathError::new(&dest, e).into()),
-                        }
-                    });
+                let res = self.checkout(a, &staged, LinkMode::Auto).and_then(|_| {
+                    let parent = dest.parent().expect("has parent");
+                    fs::create_dir_all(parent).at(parent)?;
+                    match fs::rename(&staged, &dest) {
+                        Ok(()) => Ok(()),
+                        // Another process materialised it first; theirs is identical.
+                        Err(_) if dest.is_dir() => Ok(()),
+                        Err(e) => Err(PathError::new(&dest, e).into()),
+                    }
+                });
                 let _ = xfs::remove_tree(&scratch);
                 res.map(|_| dest)
             }
@@ -698,22 +704,19 @@ impl Store {
                 continue;
             }
             if r.artifact.kind == ArtifactKind::Tree {
-                match self.read_tree(&r.artifact.digest) {
-                    Ok(tree) => {
-                        for e in tree.entries {
-                            if seen.insert(e.digest) && !self.has(&e.digest) {
-                                missing.push(MissingRef {
-                                    digest: e.digest,
-                                    referenced_by: format!(
-                                        "{} (tree {}, path {})",
-                                        r.origin, r.artifact.digest, e.path
-                                    ),
-                                });
-                            }
+                // A corrupt tree is reported by the object scan itself.
+                if let Ok(tree) = self.read_tree(&r.artifact.digest) {
+                    for e in tree.entries {
+                        if seen.insert(e.digest) && !self.has(&e.digest) {
+                            missing.push(MissingRef {
+                                digest: e.digest,
+                                referenced_by: format!(
+                                    "{} (tree {}, path {})",
+                                    r.origin, r.artifact.digest, e.path
+                                ),
+                            });
                         }
                     }
-                    // A corrupt tree is reported by the object scan itself.
-                    Err(_) => {}
                 }
             }
         }

@@ -38,7 +38,10 @@ fn dir_roundtrip_via_checkout() {
     for mode in [LinkMode::Copy, LinkMode::Hardlink, LinkMode::Auto] {
         let out = d.path().join(format!("out-{mode:?}"));
         s.checkout(&a, &out, mode).unwrap();
-        assert_eq!(fs::read(out.join("sub/deeper/c.bin")).unwrap(), [0u8, 1, 2, 255]);
+        assert_eq!(
+            fs::read(out.join("sub/deeper/c.bin")).unwrap(),
+            [0u8, 1, 2, 255]
+        );
         assert_eq!(Store::digest_dir(&out).unwrap(), a);
     }
     // The tree lists paths sorted, '/'-separated.
@@ -59,7 +62,10 @@ fn corrupt_object_is_detected() {
     crate::fs::set_writable(&p).unwrap();
     fs::write(&p, b"tampered").unwrap();
     assert!(matches!(s.read_bytes(&d), Err(StoreError::Corrupt { .. })));
-    assert!(matches!(s.verify_object(&d), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        s.verify_object(&d),
+        Err(StoreError::Corrupt { .. })
+    ));
     let roots = [Root {
         artifact: ArtifactRef {
             kind: ArtifactKind::Blob,
@@ -82,11 +88,16 @@ fn stat_cache_skips_rehash_and_notices_changes() {
     assert_eq!(a.digest, Digest::of(b"one"));
     // The cache entry is keyed by path and stat; poison its digest to prove a hit skips hashing.
     let cache_file = s.statcache_path(&std::path::absolute(&f).unwrap());
-    let mut entry: serde_json::Value = serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap();
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap();
     let other = s.put_bytes(b"other").unwrap();
     entry["digest"] = serde_json::json!(other.to_string());
     fs::write(&cache_file, serde_json::to_vec(&entry).unwrap()).unwrap();
-    assert_eq!(s.put_file(&f).unwrap().digest, other, "cache hit must not re-hash");
+    assert_eq!(
+        s.put_file(&f).unwrap().digest,
+        other,
+        "cache hit must not re-hash"
+    );
     // Changing the file changes its stat, so the cache is bypassed.
     std::thread::sleep(std::time::Duration::from_millis(5));
     fs::write(&f, "two").unwrap();
@@ -99,7 +110,10 @@ fn newer_format_is_refused() {
     let root = d.path().join("artifacts");
     fs::write(root.join("FORMAT"), r#"{"store_format":99}"#).unwrap();
     let err = Store::open(&root).unwrap_err();
-    assert!(matches!(err, StoreError::NewerFormat { found: 99, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::NewerFormat { found: 99, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("FORMAT"));
 }
 
@@ -144,5 +158,8 @@ fn prefixes_resolve() {
     let (_d, s) = store();
     let d = s.put_bytes(b"abc").unwrap();
     assert_eq!(s.resolve_prefix(&d.to_string()[..8]).unwrap(), d);
-    assert!(matches!(s.resolve_prefix("zz"), Err(StoreError::BadDigest { .. })));
+    assert!(matches!(
+        s.resolve_prefix("zz"),
+        Err(StoreError::BadDigest { .. })
+    ));
 }

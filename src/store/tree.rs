@@ -55,7 +55,10 @@ impl Tree {
         }
         for w in m.entries.windows(2) {
             if w[0].path >= w[1].path {
-                return Err(format!("entries not sorted or duplicated at `{}`", w[1].path));
+                return Err(format!(
+                    "entries not sorted or duplicated at `{}`",
+                    w[1].path
+                ));
             }
         }
         for e in &m.entries {
@@ -65,7 +68,10 @@ impl Tree {
                     .split('/')
                     .any(|c| c.is_empty() || c == "." || c == "..");
             if bad {
-                return Err(format!("entry path `{}` is not a clean relative path", e.path));
+                return Err(format!(
+                    "entry path `{}` is not a clean relative path",
+                    e.path
+                ));
             }
         }
         Ok(Tree { entries: m.entries })

@@ -1,0 +1,795 @@
+//! The one integration-test binary: drives the real `fuselab` CLI (and, where a test needs code the
+//! CLI cannot change, the library's recipe API) on temporary projects and stores.
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use util::{outputs, steps_with, Lcg, TestContext};
+
+const ALL: [&str; 5] = ["corpus", "words", "counts", "lengths", "summary"];
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn rerun_is_a_noop_and_a_parameter_reexecutes_exactly_its_descendants() {
+    let t = TestContext::new();
+    let first = t.run_hello(&[]);
+    assert_eq!(
+        sorted(steps_with(&first, "ran")),
+        sorted(ALL.map(String::from).to_vec())
+    );
+
+    let again = t.run_hello(&[]);
+    assert!(steps_with(&again, "ran").is_empty(), "{again:#}");
+    assert_eq!(outputs(&again), outputs(&first));
+
+    let cases: [(&str, &[&str]); 3] = [
+        ("min_len=4", &["counts", "summary"]),
+        ("top_k=3", &["summary"]),
+        (
+            "lowercase=false",
+            &["words", "counts", "lengths", "summary"],
+        ),
+    ];
+    for (set, expected) in cases {
+        let r = t.run_hello(&["--set", set]);
+        assert_eq!(
+            sorted(steps_with(&r, "ran")),
+            sorted(expected.iter().map(|s| s.to_string()).collect()),
+            "--set {set}"
+        );
+        // Running the same configuration again is a no-op too.
+        let r2 = t.run_hello(&["--set", set]);
+        assert!(steps_with(&r2, "ran").is_empty(), "--set {set} twice");
+    }
+    // Back to defaults: everything is still cached.
+    assert!(steps_with(&t.run_hello(&[]), "ran").is_empty());
+
+    // Editing a raw input re-executes everything downstream of it.
+    fs::write(t.project.join("corpus/extra.txt"), "one more file of words").unwrap();
+    let r = t.run_hello(&[]);
+    assert_eq!(
+        sorted(steps_with(&r, "ran")),
+        sorted(ALL.map(String::from).to_vec())
+    );
+}
+
+#[test]
+fn force_and_until_select_steps() {
+    let t = TestContext::new();
+    let r = t.run_hello(&["--until", "counts"]);
+    assert_eq!(sorted(steps_with(&r, "ran")), ["corpus", "counts", "words"]);
+    assert_eq!(r["steps"].as_array().unwrap().len(), 3);
+    let r = t.run_hello(&["--force", "words"]);
+    // words re-executes; its outputs are identical, so only the never-run steps execute after it.
+    assert_eq!(
+        sorted(steps_with(&r, "ran")),
+        ["lengths", "summary", "words"]
+    );
+    assert_eq!(
+        t.run_records()
+            .iter()
+            .filter(|r| r["step"] == "words")
+            .count(),
+        2
+    );
+}
+
+mod code_version {
+    //! A step's code version is part of its key. The CLI cannot edit code, so this test declares the
+    //! "same" experiment twice through the library, once with a bumped version.
+    use fuselab::recipe::{self, step, Experiment, ExperimentDef, RunOptions, StepStatus};
+    use fuselab::store::Store;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct P {
+        n: u32,
+    }
+
+    /// `version_b` stands for the code of step `b`: version 2 writes a different output (a real code
+    /// change); version 3 is a refactor that writes the same bytes as version 2.
+    fn build(exp: &mut Experiment, p: &P, version_b: u32) -> recipe::Result<()> {
+        let a = exp.step("a", &p.n, &[], |ctx| {
+            std::fs::write(ctx.out("a.txt")?, format!("{}", ctx.params::<u32>()?))?;
+            Ok(())
+        })?;
+        let b = exp.step(step("b").version(version_b), &(), &[a], move |ctx| {
+            let a = std::fs::read_to_string(ctx.input("a")?.join("a.txt"))?;
+            let text = if version_b == 1 {
+                format!("b({a})")
+            } else {
+                format!("b2({a})")
+            };
+            std::fs::write(ctx.out("b.txt")?, text)?;
+            Ok(())
+        })?;
+        let c = exp.step("c", &(), &[b], |ctx| {
+            let b = std::fs::read_to_string(ctx.input("b")?.join("b.txt"))?;
+            std::fs::write(ctx.out("c.txt")?, format!("c({b})"))?;
+            Ok(())
+        })?;
+        exp.step("d", &(), &[a], |ctx| {
+            let a = std::fs::read_to_string(ctx.input("a")?.join("a.txt"))?;
+            std::fs::write(ctx.out("d.txt")?, a)?;
+            Ok(())
+        })?;
+        let _ = c;
+        Ok(())
+    }
+
+    fn ran(store: &Store, def: &ExperimentDef) -> Vec<String> {
+        let exp = def.instantiate(def.defaults()).unwrap();
+        let opts = RunOptions {
+            force: vec![],
+            until: None,
+            jobs: 2,
+            executor: recipe::ExecutorKind::InProcess,
+            project: std::env::temp_dir(),
+            overrides: vec![],
+            progress: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::hidden(),
+            ),
+        };
+        let r = recipe::run(store, &exp, &opts).unwrap();
+        assert!(r.failure.is_none());
+        let mut v: Vec<String> = r
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Ran)
+            .map(|s| s.step.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn editing_a_steps_code_version_reexecutes_it_and_its_descendants() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let v1 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 1));
+        let v2 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 2));
+        let v3 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 3));
+        assert_eq!(ran(&store, &v1), ["a", "b", "c", "d"]);
+        assert!(ran(&store, &v1).is_empty());
+        assert_eq!(ran(&store, &v2), ["b", "c"]);
+        assert!(ran(&store, &v2).is_empty());
+        // Going back to version 1 finds its outputs still cached.
+        assert!(ran(&store, &v1).is_empty());
+        // Keys follow input *content*: a version bump that reproduces the same bytes re-executes the
+        // step, and its descendants are reused (early cutoff).
+        assert_eq!(ran(&store, &v3), ["b"]);
+    }
+}
+
+#[test]
+fn kill_dash_nine_at_random_points_never_corrupts_the_store() {
+    // The reference: one uninterrupted run in its own store.
+    let reference = TestContext::new();
+    let slow = ["--set", "delay_ms=60"];
+    let expected = outputs(&reference.run_hello(&slow));
+
+    let t = TestContext::new();
+    let mut rng = Lcg(0x5eed);
+    let steps = ["words", "counts", "lengths", "summary"];
+    let mut killed_mid_run = 0;
+    for i in 0..24 {
+        let mut args = vec![
+            "run".to_string(),
+            "hello".into(),
+            "--set".into(),
+            "corpus=corpus".into(),
+            "--set".into(),
+            "delay_ms=60".into(),
+        ];
+        // Forcing steps keeps work in flight even once everything is cached.
+        for s in steps {
+            args.push("--force".into());
+            args.push(s.into());
+        }
+        if i % 2 == 0 {
+            args.push("--jobs".into());
+            args.push("1".into());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = t
+            .cmd(&argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.below(170)));
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+    }
+    assert!(
+        killed_mid_run >= 20,
+        "only {killed_mid_run} kills landed mid-run"
+    );
+
+    let fsck_before = t.output(&["fsck"]);
+    assert!(
+        fsck_before.status.success(),
+        "fsck after crashes: {}",
+        String::from_utf8_lossy(&fsck_before.stdout)
+    );
+    let finished = t.run_hello(&slow);
+    assert_eq!(outputs(&finished), expected);
+    let fsck = t.json(&["fsck"]);
+    assert_eq!(fsck["clean"], true, "{fsck:#}");
+    // No record claims success for outputs that are not there.
+    for r in t.run_records() {
+        if r["status"] == "succeeded" {
+            let d = r["outputs"]["digest"].as_str().unwrap();
+            assert!(t
+                .store
+                .join("objects")
+                .join(&d[..2])
+                .join(&d[2..])
+                .is_file());
+        }
+    }
+    // And gc leaves a clean, smaller-or-equal store that still runs as a no-op.
+    t.ok(&["gc"]);
+    let fsck = t.json(&["fsck"]);
+    assert_eq!(fsck["clean"], true);
+    assert!(fsck["report"]["orphaned"].as_array().unwrap().is_empty());
+    assert!(steps_with(&t.run_hello(&slow), "ran").is_empty());
+}
+
+#[test]
+fn concurrent_runs_both_succeed_and_each_step_runs_once() {
+    let t = TestContext::new();
+    for round in 0..3 {
+        let set = format!("min_len={}", round + 2);
+        let args = [
+            "run",
+            "hello",
+            "--set",
+            "corpus=corpus",
+            "--set",
+            "delay_ms=80",
+            "--set",
+            &set,
+            "--json",
+        ];
+        let a = t
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let b = t
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+        assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+        let ra: Value = serde_json::from_slice(&a.stdout).unwrap();
+        let rb: Value = serde_json::from_slice(&b.stdout).unwrap();
+        assert_eq!(outputs(&ra), outputs(&rb));
+        let ran_a: BTreeSet<String> = steps_with(&ra, "ran").into_iter().collect();
+        let ran_b: BTreeSet<String> = steps_with(&rb, "ran").into_iter().collect();
+        assert!(
+            ran_a.is_disjoint(&ran_b),
+            "round {round}: both ran {:?}",
+            ran_a.intersection(&ran_b).collect::<Vec<_>>()
+        );
+    }
+    // Each key was executed exactly once over all rounds.
+    let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for r in t.run_records() {
+        assert_eq!(r["status"], "succeeded");
+        *per_key
+            .entry(r["key"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(per_key.values().all(|&n| n == 1), "{per_key:?}");
+    // corpus + words + lengths once; counts + summary once per round.
+    assert_eq!(per_key.len(), 3 + 2 * 3);
+}
+
+#[test]
+fn lineage_answers_both_directions() {
+    let t = TestContext::new();
+    let r = t.run_hello(&[]);
+    let out = outputs(&r);
+    let summary = &out["summary"];
+    let corpus = &out["corpus"];
+
+    let up = t.json_lineage(&[summary, "--format", "json"]);
+    assert_eq!(up["direction"], "up");
+    let steps: BTreeSet<&str> = up["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ALL.into_iter().collect());
+    let raw: Vec<&Value> = up["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| !a["raw_input"].is_null())
+        .collect();
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0]["raw_input"], "corpus");
+    assert_eq!(raw[0]["digest"], corpus.as_str());
+    let summary_run = up["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["step"] == "summary")
+        .unwrap();
+    assert_eq!(summary_run["params"]["top_k"], 10);
+    assert_eq!(
+        up["edges"].as_array().unwrap().len(),
+        5,
+        "corpus->words, words->counts, words->lengths, counts->summary, lengths->summary"
+    );
+
+    let down = t.json_lineage(&[corpus, "--reverse", "--format", "json"]);
+    assert_eq!(down["direction"], "down");
+    let reached: BTreeSet<&str> = down["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["digest"].as_str().unwrap())
+        .collect();
+    for s in ["words", "counts", "lengths", "summary"] {
+        assert!(
+            reached.contains(out[s].as_str()),
+            "{s} not downstream of corpus"
+        );
+    }
+
+    // A second configuration shares upstream artifacts: reverse lineage finds both summaries.
+    let r2 = t.run_hello(&["--set", "top_k=2"]);
+    let down = t.json_lineage(&[&out["counts"], "--reverse", "--format", "json"]);
+    let reached: BTreeSet<&str> = down["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["digest"].as_str().unwrap())
+        .collect();
+    assert!(
+        reached.contains(summary.as_str()) && reached.contains(outputs(&r2)["summary"].as_str())
+    );
+
+    let text = t.ok(&["lineage", &summary[..10]]);
+    assert!(
+        text.contains("hello/summary") && text.contains("raw input `corpus`"),
+        "{text}"
+    );
+    let dot = t.ok(&["lineage", summary, "--format", "dot"]);
+    assert!(dot.starts_with("digraph lineage"));
+    let err = t.fails(&["lineage", "0000000000"]);
+    assert!(err.contains("0000000000"), "{err}");
+}
+
+impl TestContext {
+    fn json_lineage(&self, args: &[&str]) -> Value {
+        let mut a = vec!["lineage"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+#[test]
+fn process_executor_and_exec_step_match_in_process_results() {
+    let reference = TestContext::new();
+    let expected = outputs(&reference.run_hello(&[]));
+
+    let t = TestContext::new();
+    let r = t.run_hello(&["--executor", "process"]);
+    assert_eq!(outputs(&r), expected);
+    assert_eq!(
+        sorted(steps_with(&r, "ran")),
+        sorted(ALL.map(String::from).to_vec())
+    );
+    assert!(t
+        .run_records()
+        .iter()
+        .filter(|r| r["step"] != "corpus")
+        .all(|r| r["executor"] == "process"));
+
+    // plan --write-specs, then run one step by key, as a cluster node would.
+    let t2 = TestContext::new();
+    t2.ok(&["run", "hello", "--set", "corpus=corpus", "--until", "words"]);
+    let plan = t2.json(&["plan", "hello", "--set", "corpus=corpus", "--write-specs"]);
+    let counts = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["step"] == "counts")
+        .unwrap();
+    assert_eq!(counts["status"], "run");
+    let key = counts["key"].as_str().unwrap();
+    let reply: Value = serde_json::from_str(&t2.ok(&["exec-step", &key[..16]])).unwrap();
+    assert_eq!(reply["status"], "ran");
+    assert_eq!(reply["outputs"]["digest"], expected["counts"].as_str());
+    let again: Value = serde_json::from_str(&t2.ok(&["exec-step", key])).unwrap();
+    assert_eq!(again["status"], "cached");
+    let err = t2.fails(&["exec-step", "abcdef"]);
+    assert!(err.contains("no step spec for key abcdef"), "{err}");
+}
+
+#[test]
+fn verify_reexecutes_and_detects_differences() {
+    let t = TestContext::new();
+    let r = t.run_hello(&[]);
+    let v = t.json(&["verify", "hello", "--set", "corpus=corpus"]);
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "identical"),
+        "{v:#}"
+    );
+
+    // Make the cache claim that `counts` produced something else, as a non-deterministic step would.
+    let counts_key = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "counts")
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let entry_path = t.store.join("keys").join(format!("{counts_key}.json"));
+    let mut entry: Value = serde_json::from_slice(&fs::read(&entry_path).unwrap()).unwrap();
+    entry["outputs"] = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "lengths")
+        .unwrap()["outputs"]
+        .clone();
+    fs::write(&entry_path, serde_json::to_vec(&entry).unwrap()).unwrap();
+    let out = t.output(&["verify", "hello", "--set", "corpus=corpus"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DIFFERS           counts"), "{text}");
+}
+
+#[test]
+fn plan_list_show_and_diff() {
+    let t = TestContext::new();
+    let plan = t.json(&["plan", "hello", "--set", "corpus=corpus"]);
+    let statuses: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["run", "run", "pending", "pending", "pending"]);
+    let a = t.run_hello(&[]);
+    let plan = t.json(&["plan", "hello", "--set", "corpus=corpus"]);
+    assert!(plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["status"] == "cached"));
+    let plan = t.json(&[
+        "plan",
+        "hello",
+        "--set",
+        "corpus=corpus",
+        "--set",
+        "top_k=1",
+    ]);
+    let statuses: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["cached", "cached", "cached", "cached", "run"]);
+
+    let b = t.run_hello(&["--set", "min_len=5"]);
+    let list = t.json(&["list"]);
+    assert_eq!(list["experiments"][0]["name"], "hello");
+    assert_eq!(list["recent_runs"].as_array().unwrap().len(), 2);
+
+    let d = t.json(&[
+        "diff",
+        a["invocation"].as_str().unwrap(),
+        b["invocation"].as_str().unwrap(),
+    ]);
+    let changed: BTreeSet<&str> = d["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert!(changed.contains("params.min_len"), "{d:#}");
+    assert!(changed.contains("counts.outputs") && changed.contains("summary.outputs"));
+    assert!(!changed.contains("words.outputs"));
+
+    let run_id = a["steps"][4]["run_id"].as_str().unwrap();
+    let shown = t.json(&["show", run_id]);
+    assert_eq!(shown["step"], "summary");
+    assert_eq!(shown["status"], "succeeded");
+    assert_eq!(shown["tools"]["fuselab"], env!("CARGO_PKG_VERSION"));
+    let text = t.ok(&["show", run_id]);
+    assert!(text.contains("hello/summary"));
+    let digest = a["steps"][4]["outputs"]["digest"].as_str().unwrap();
+    let art = t.json(&["show", &digest[..12]]);
+    assert_eq!(art["kind"], "tree");
+    assert_eq!(art["entries"][0]["path"], "summary.md");
+    let inv = t.ok(&["show", a["invocation"].as_str().unwrap()]);
+    assert!(inv.contains("summary"));
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_leaves_the_store_consistent() {
+    let t = TestContext::new();
+    let err = t.fails(&["run", "nope"]);
+    assert!(
+        err.contains("unknown experiment `nope`") && err.contains("hello"),
+        "{err}"
+    );
+    for (args, needle) in [
+        (vec!["--force", "wrods"], "no step `wrods`"),
+        (vec!["--until", "wrods"], "no step `wrods`"),
+        (vec!["--set", "min_len"], "expected key=value"),
+        (vec!["--set", "min_lenn=3"], "unknown parameter `min_lenn`"),
+        (
+            vec!["--set", "min_len=three"],
+            "--set min_len=three: expected a non-negative integer",
+        ),
+        (vec!["--set", "corpus=does/not/exist"], "does/not/exist"),
+    ] {
+        let mut a = vec!["run", "hello"];
+        if !args.iter().any(|x| x.starts_with("corpus=")) {
+            a.extend(["--set", "corpus=corpus"]);
+        }
+        a.extend(args.iter().copied());
+        let err = t.fails(&a);
+        assert!(err.contains(needle), "{a:?}: {err}");
+    }
+    // A step failure names the step and the file; nothing claims success.
+    let empty = t.project.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    fs::write(empty.join("notes.md"), "not a txt file").unwrap();
+    let err = t.fails(&["run", "hello", "--set", "corpus=empty"]);
+    assert!(
+        err.contains("step `words`") && err.contains("no .txt files"),
+        "{err}"
+    );
+    let recs = t.run_records();
+    assert!(recs
+        .iter()
+        .any(|r| r["step"] == "words" && r["status"] == "failed"));
+    assert!(!recs
+        .iter()
+        .any(|r| r["step"] == "words" && r["status"] == "succeeded"));
+    assert!(t.output(&["fsck"]).status.success());
+
+    // A corrupted object: the step that reads it fails naming the object, and fsck reports it.
+    let r = t.run_hello(&[]);
+    let words = r["steps"][1]["outputs"]["digest"].as_str().unwrap();
+    let tree: Value = serde_json::from_slice(
+        &fs::read(t.store.join("objects").join(&words[..2]).join(&words[2..])).unwrap(),
+    )
+    .unwrap();
+    let file = tree["entries"][0]["digest"].as_str().unwrap();
+    let obj = t.store.join("objects").join(&file[..2]).join(&file[2..]);
+    let mut perms = fs::metadata(&obj).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&obj, perms).unwrap();
+    let mut bytes = fs::read(&obj).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&obj, bytes).unwrap();
+    let err = t.fails(&[
+        "run",
+        "hello",
+        "--set",
+        "corpus=corpus",
+        "--force",
+        "counts",
+    ]);
+    assert!(err.contains(&format!("object {file} is corrupt")), "{err}");
+    let fsck = t.output(&["fsck"]);
+    assert_eq!(fsck.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&fsck.stdout).contains(&format!("corrupt  {file}")));
+
+    // A store written by a newer fuselab is refused by every command.
+    let t2 = TestContext::new();
+    t2.run_hello(&[]);
+    fs::write(t2.store.join("FORMAT"), r#"{"store_format": 2}"#).unwrap();
+    let err = t2.fails(&["run", "hello", "--set", "corpus=corpus"]);
+    assert!(
+        err.contains("FORMAT") && err.contains("store format 2"),
+        "{err}"
+    );
+    let err = t2.fails(&["fsck"]);
+    assert!(err.contains("newer fuselab"), "{err}");
+}
+
+mod panics {
+    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef, RunOptions};
+    use fuselab::store::Store;
+
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    struct P {}
+
+    fn build(exp: &mut Experiment, _: &P) -> recipe::Result<()> {
+        let ok = exp.step("fine", &(), &[], |ctx| {
+            std::fs::write(ctx.out("x")?, "x")?;
+            Ok(())
+        })?;
+        exp.step("boom", &(), &[ok], |ctx| {
+            std::fs::write(ctx.out("partial")?, "half")?;
+            panic!("the body blew up");
+        })?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_panicking_step_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let def = ExperimentDef::new("panics", "", build);
+        let exp = def.instantiate(def.defaults()).unwrap();
+        let opts = RunOptions {
+            force: vec![],
+            until: None,
+            jobs: 1,
+            executor: recipe::ExecutorKind::InProcess,
+            project: dir.path().to_path_buf(),
+            overrides: vec![],
+            progress: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::hidden(),
+            ),
+        };
+        let r = recipe::run(&store, &exp, &opts).unwrap();
+        let err = r.failure.expect("the panic is reported").to_string();
+        assert!(
+            err.contains("step `boom` panicked: the body blew up"),
+            "{err}"
+        );
+        let records = Records::new(&store);
+        let runs = records.runs().unwrap();
+        let boom: Vec<_> = runs.iter().filter(|r| r.step == "boom").collect();
+        assert_eq!(boom.len(), 1);
+        assert_eq!(boom[0].status, recipe::records::RunStatus::Failed);
+        assert!(boom[0].outputs.is_none());
+        assert!(records.cache_get(&boom[0].key).unwrap().is_none());
+        let roots = records.roots().unwrap();
+        let fsck = store
+            .fsck(&roots, &indicatif::ProgressBar::hidden())
+            .unwrap();
+        assert!(
+            fsck.is_clean() && fsck.orphaned.is_empty() && fsck.temp_files == 0,
+            "{fsck:?}"
+        );
+    }
+}
+
+/// A tmpfs too small for the corpus: writes fail with ENOSPC. Needs root (mount); skipped otherwise.
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_the_store_consistent() {
+    let t = TestContext::new();
+    let mnt = t.dir.path().join("tiny");
+    fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    // 400 KiB of words: more than the disk holds.
+    let line = "lorem ipsum dolor sit amet consectetur adipiscing elit\n".repeat(7500);
+    fs::write(t.project.join("corpus/big.txt"), line).unwrap();
+    let store = mnt.join("artifacts");
+    let out = std::process::Command::new(util::BIN)
+        .arg("--store")
+        .arg(&store)
+        .args(["run", "hello", "--set", "corpus=corpus"])
+        .current_dir(&t.project)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains(&store.display().to_string()),
+        "{err}"
+    );
+    let fsck = std::process::Command::new(util::BIN)
+        .arg("--store")
+        .arg(&store)
+        .arg("fsck")
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[test]
+fn store_add_pin_checkout_and_gc() {
+    let t = TestContext::new();
+    let file = t.project.join("corpus/fusion.txt");
+    let added = t.json(&["store", "add", file.to_str().unwrap()]);
+    let d = added["digest"].as_str().unwrap().to_string();
+    let hashed = t.ok(&["store", "hash", file.to_str().unwrap()]);
+    assert!(hashed.starts_with(&d));
+    assert_eq!(
+        t.ok(&["store", "cat", &d[..8]]),
+        fs::read_to_string(&file).unwrap()
+    );
+    let dest = t.dir.path().join("checked-out.txt");
+    t.ok(&[
+        "store",
+        "checkout",
+        &d,
+        dest.to_str().unwrap(),
+        "--mode",
+        "copy",
+    ]);
+    assert_eq!(fs::read(&dest).unwrap(), fs::read(&file).unwrap());
+
+    // Unpinned and unreferenced: gc removes it (dry run first lists it).
+    let dry = t.json(&["gc", "--dry-run"]);
+    assert_eq!(dry["removed_objects"][0][0], d.as_str());
+    assert!(t
+        .store
+        .join("objects")
+        .join(&d[..2])
+        .join(&d[2..])
+        .is_file());
+    t.ok(&["gc"]);
+    assert!(!t
+        .store
+        .join("objects")
+        .join(&d[..2])
+        .join(&d[2..])
+        .is_file());
+
+    // Pinned: gc keeps it; run outputs are kept too.
+    t.ok(&["store", "add", file.to_str().unwrap(), "--pin", "notes"]);
+    let r = t.run_hello(&[]);
+    let gc = t.json(&["gc"]);
+    assert!(
+        gc["removed_objects"].as_array().unwrap().is_empty(),
+        "{gc:#}"
+    );
+    assert!(t
+        .store
+        .join("objects")
+        .join(&d[..2])
+        .join(&d[2..])
+        .is_file());
+    assert!(steps_with(&t.run_hello(&[]), "ran").is_empty());
+    let _ = r;
+}

@@ -1,0 +1,142 @@
+//! Test harness: a temporary project with its own corpus and store, driving the real `fuselab` binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_fuselab");
+
+pub struct TestContext {
+    pub dir: tempfile::TempDir,
+    pub project: PathBuf,
+    pub store: PathBuf,
+}
+
+impl TestContext {
+    /// A project holding a copy of the hello corpus under `corpus/`, and an empty store.
+    pub fn new() -> TestContext {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let project = dir.path().join("project");
+        let corpus = project.join("corpus");
+        fs::create_dir_all(&corpus).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/data/hello");
+        for e in fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), corpus.join(e.file_name())).unwrap();
+        }
+        let store = dir.path().join("artifacts");
+        TestContext {
+            dir,
+            project,
+            store,
+        }
+    }
+
+    /// `fuselab --store <store> <args>` in the project directory.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .current_dir(&self.project)
+            .env_remove("FUSELAB_STORE");
+        c
+    }
+
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("runs fuselab")
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "fuselab {args:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            !out.status.success(),
+            "fuselab {args:?} should have failed\nstdout:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("--json prints JSON")
+    }
+
+    /// `run hello` with the project's corpus and extra arguments; returns the JSON report.
+    pub fn run_hello(&self, extra: &[&str]) -> Value {
+        let mut a = vec!["run", "hello", "--set", "corpus=corpus"];
+        a.extend_from_slice(extra);
+        self.json(&a)
+    }
+
+    pub fn run_records(&self) -> Vec<Value> {
+        let dir = self.store.join("runs");
+        let mut out = Vec::new();
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd {
+                let bytes = fs::read(e.unwrap().path()).unwrap();
+                out.push(serde_json::from_slice(&bytes).unwrap());
+            }
+        }
+        out
+    }
+}
+
+/// Names of steps with a given status in a run report.
+pub fn steps_with(report: &Value, status: &str) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == status)
+        .map(|s| s["step"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// step -> output digest.
+pub fn outputs(report: &Value) -> BTreeMap<String, String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_string(),
+                s["outputs"]["digest"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A small deterministic generator for crash timings.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
