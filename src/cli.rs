@@ -169,6 +169,9 @@ pub enum StoreCommand {
     /// Add a file or directory to the store and print its digest.
     Add {
         path: PathBuf,
+        /// Hardlink instead of copying (no data written; the file becomes read-only).
+        #[arg(long)]
+        link: bool,
         /// Pin it under refs/<name> so gc keeps it.
         #[arg(long)]
         pin: Option<String>,

@@ -1,7 +1,7 @@
 //! `gc`, `fsck` and `store add|hash|cat|checkout`.
 
 use fuselab::recipe::records::Records;
-use fuselab::store::Store;
+use fuselab::store::{Ingest, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{human_bytes, open_store, print_json, Status};
@@ -88,10 +88,16 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
             let a = Store::digest_path(path)?;
             println!("{}  {}", a.digest, path.display());
         }
-        StoreCommand::Add { path, pin, json } => {
+        StoreCommand::Add {
+            path,
+            link,
+            pin,
+            json,
+        } => {
             let store = open_store(store_path)?;
             let _lock = store.lock_shared()?;
-            let a = store.put_path(path)?;
+            let ingest = if *link { Ingest::Link } else { Ingest::Copy };
+            let a = store.put_path_with(path, ingest)?;
             if let Some(name) = pin {
                 store.set_ref(
                     &format!("pins/{name}"),

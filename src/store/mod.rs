@@ -39,6 +39,17 @@ pub enum ArtifactKind {
     Tree,
 }
 
+/// How files from outside the store get in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingest {
+    /// Copy (reflink where the filesystem can): the original stays writable and independent.
+    Copy,
+    /// Hardlink the original into the store and make it read-only (DVC's `hardlink` cache type):
+    /// no data is written, so adding costs one hashing pass. Editing the file in place afterwards
+    /// would corrupt the object (fsck detects it); replace it instead.
+    Link,
+}
+
 /// A reference to a stored artifact; this is what run records and cache entries hold.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ArtifactRef {
@@ -293,6 +304,11 @@ impl Store {
     /// Add a file that lives outside the store (it is copied; the original is untouched).
     /// Unchanged files are recognised by the stat cache and not re-hashed.
     pub fn put_file(&self, path: &Path) -> Result<ArtifactRef> {
+        self.put_file_with(path, Ingest::Copy)
+    }
+
+    /// Add a file from outside the store, copying or hardlinking it.
+    pub fn put_file_with(&self, path: &Path, ingest: Ingest) -> Result<ArtifactRef> {
         let abs = std::path::absolute(path).at(path)?;
         let meta = fs::metadata(&abs).at(&abs)?;
         if !meta.is_file() {
@@ -313,22 +329,35 @@ impl Store {
             }
         }
         let d = Self::hash_file(&abs)?;
+        let mut stat = stat;
         if !self.has(&d) {
             let tmp = self.tmp_dir().join(xfs::unique_name("obj"));
-            let res = xfs::copy_durable(&abs, &tmp)
-                .at(&tmp)
-                .map_err(StoreError::from)
-                .and_then(|_| {
-                    // The copy happened after hashing: make sure the file did not change in between.
-                    let after = fs::metadata(&abs).at(&abs)?;
-                    if StatKey::of(&after) != stat {
-                        return Err(StoreError::Changed { path: abs.clone() });
+            let placed = match ingest {
+                Ingest::Link => match fs::hard_link(&abs, &tmp) {
+                    Ok(()) => fs::File::open(&tmp).and_then(|f| f.sync_all()),
+                    // Another filesystem: a link is impossible, so copy.
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                        xfs::copy_durable(&abs, &tmp)
                     }
-                    self.install(&tmp, &d)
-                });
+                    Err(e) => Err(e),
+                },
+                Ingest::Copy => xfs::copy_durable(&abs, &tmp),
+            };
+            let res = placed.at(&tmp).map_err(StoreError::from).and_then(|_| {
+                // The copy happened after hashing: make sure the file did not change in between.
+                // (Linking changes the ctime, so compare what content changes must touch.)
+                let after = StatKey::of(&fs::metadata(&abs).at(&abs)?);
+                if (after.ino, after.size, after.mtime_ns) != (stat.ino, stat.size, stat.mtime_ns) {
+                    return Err(StoreError::Changed { path: abs.clone() });
+                }
+                self.install(&tmp, &d)
+            });
             if let Err(e) = res {
                 let _ = fs::remove_file(&tmp);
                 return Err(e);
+            }
+            if ingest == Ingest::Link {
+                stat = StatKey::of(&fs::metadata(&abs).at(&abs)?);
             }
         }
         self.statcache_put(&abs, stat, d);
@@ -402,9 +431,13 @@ impl Store {
 
     /// Add a directory from outside the store (copied).
     pub fn put_dir(&self, dir: &Path) -> Result<ArtifactRef> {
+        self.put_dir_with(dir, Ingest::Copy)
+    }
+
+    pub fn put_dir_with(&self, dir: &Path, ingest: Ingest) -> Result<ArtifactRef> {
         let mut entries = Vec::new();
         for (rel, p) in Self::walk(dir)? {
-            let a = self.put_file(&p)?;
+            let a = self.put_file_with(&p, ingest)?;
             entries.push(TreeEntry {
                 path: rel,
                 digest: a.digest,
@@ -430,11 +463,15 @@ impl Store {
 
     /// Add a file or a directory from outside the store.
     pub fn put_path(&self, path: &Path) -> Result<ArtifactRef> {
+        self.put_path_with(path, Ingest::Copy)
+    }
+
+    pub fn put_path_with(&self, path: &Path, ingest: Ingest) -> Result<ArtifactRef> {
         let meta = fs::metadata(path).at(path)?;
         if meta.is_dir() {
-            self.put_dir(path)
+            self.put_dir_with(path, ingest)
         } else {
-            self.put_file(path)
+            self.put_file_with(path, ingest)
         }
     }
 

@@ -163,3 +163,28 @@ fn prefixes_resolve() {
         Err(StoreError::BadDigest { .. })
     ));
 }
+
+#[test]
+fn link_ingest_shares_the_inode_and_protects_it() {
+    use std::os::unix::fs::MetadataExt;
+    let (d, s) = store();
+    let f = d.path().join("big.bin");
+    fs::write(&f, vec![7u8; 100_000]).unwrap();
+    let a = s.put_file_with(&f, Ingest::Link).unwrap();
+    let obj = s.object_path(&a.digest);
+    assert_eq!(
+        fs::metadata(&f).unwrap().ino(),
+        fs::metadata(&obj).unwrap().ino()
+    );
+    assert!(fs::metadata(&f).unwrap().permissions().readonly());
+    s.verify_object(&a.digest).unwrap();
+    // The stat cache was refreshed after linking changed the ctime: a second add is a pure hit.
+    let cache: serde_json::Value = serde_json::from_slice(
+        &fs::read(s.statcache_path(&std::path::absolute(&f).unwrap())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cache["stat"]["ctime_ns"].as_i64().map(i128::from),
+        Some(crate::fs::StatKey::of(&fs::metadata(&f).unwrap()).ctime_ns)
+    );
+}

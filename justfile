@@ -1,0 +1,31 @@
+# fuselab everyday commands. `just` is optional: each recipe is one plain cargo/bash command.
+# Install: `pip install rust-just` or `cargo install just`.
+
+# Run an experiment (e.g. `just run hello`, `just run hello --set top_k=3`).
+run experiment *args:
+    cargo run --release -- run {{experiment}} {{args}}
+
+# The test suite, exactly as CI runs it.
+test:
+    cargo test --release
+
+# Long tests kept out of the default run (#[ignore]).
+test-long:
+    cargo test --release -- --ignored
+
+# Benchmarks against peers (b3sum, DVC); rewrites the matching section of BENCHMARKS.md.
+bench:
+    bash benches/store.sh
+
+# Formatting and lints, as required before every commit.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --all-targets -- -D warnings
+
+# Show what `fuselab run` would do.
+plan experiment *args:
+    cargo run --release -- plan {{experiment}} {{args}}
+
+# Verify every object in the store.
+fsck:
+    cargo run --release -- fsck
