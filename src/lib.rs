@@ -2,6 +2,8 @@
 //! `fuselab` binary is a thin CLI over it.
 
 pub mod fs;
+pub mod generate;
+pub mod model;
 pub mod recipe;
 pub mod store;
 pub mod util;

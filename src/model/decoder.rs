@@ -1,0 +1,561 @@
+//! One decoder for the four families. Every op here has a backward pass in candle (no fused
+//! `rms_norm`/`softmax_last_dim`/`rope`/`sdpa`, which silently drop gradients), so the same forward
+//! serves training and inference; inference adds a KV cache.
+//!
+//! Covered: GQA, qkv bias (Qwen2), tied embeddings, Llama-3 rope scaling, Mistral/Gemma-2 sliding
+//! windows, Gemma-2's embedding scaling, (1+w) RMSNorm, pre/post feed-forward norms, GELU-tanh,
+//! attention and final logit soft-capping and `query_pre_attn_scalar`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::config::{Activation, Family, ModelConfig};
+use super::{CandleContext, ModelError};
+
+type Res<T> = Result<T, ModelError>;
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    input_norm: Tensor,
+    post_attn_norm: Tensor,
+    pre_ff_norm: Option<Tensor>,
+    post_ff_norm: Option<Tensor>,
+    window: Option<usize>,
+}
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Decoder {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f64>,
+    device: Device,
+    dtype: DType,
+}
+
+/// HF's rotary inverse frequencies, with Llama-3 scaling when configured.
+fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
+    let d = cfg.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| {
+            // transformers computes these in float32; keep the same rounding.
+            let x = 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32);
+            x as f64
+        })
+        .collect();
+    let Some(s) = &cfg.rope_llama3 else {
+        return base;
+    };
+    let low_wl = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wl = s.original_max_position_embeddings / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let f = f as f32;
+            let wl = 2.0 * std::f32::consts::PI / f;
+            let scaled = if wl > low_wl as f32 {
+                f / s.factor as f32
+            } else {
+                f
+            };
+            let smooth = (s.original_max_position_embeddings as f32 / wl
+                - s.low_freq_factor as f32)
+                / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+            let smoothed = (1.0 - smooth) * scaled / s.factor as f32 + smooth * scaled;
+            // transformers: ~(wl < high_wl) & ~(wl > low_wl); wavelengths are never NaN.
+            let medium = wl >= high_wl as f32 && wl <= low_wl as f32;
+            (if medium { smoothed } else { scaled }) as f64
+        })
+        .collect()
+}
+
+/// The dtype reductions run in: float32, or float64 for f64 models (gradient checks).
+fn acc(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, one_plus: bool) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(acc(dt))?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if one_plus {
+        // Gemma: (1 + w) multiplied in float32, then cast.
+        normed
+            .broadcast_mul(&(w.to_dtype(acc(dt))? + 1.0)?)?
+            .to_dtype(dt)
+    } else {
+        // Llama/Qwen/Mistral: cast first, then the weight.
+        normed.to_dtype(dt)?.broadcast_mul(w)
+    }
+}
+
+/// GELU, tanh approximation, from primitives: candle's fused `gelu` backward uses 6-digit constants,
+/// which puts its gradients ~1e-4 (relative) off transformers' on small values.
+fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * SQRT_2_OVER_PI)?;
+    (x * 0.5)? * (inner.tanh()? + 1.0)?
+}
+
+fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, h, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, n_rep, s, d))?
+        .reshape((b, h * n_rep, s, d))
+}
+
+impl Decoder {
+    /// Build from loaded weights (inference: tensors are used as they are).
+    pub fn new(config: ModelConfig, mut w: HashMap<String, Tensor>) -> Res<Decoder> {
+        let mut take = |name: &str| -> Res<Tensor> {
+            w.remove(name)
+                .ok_or_else(|| ModelError::Invalid(format!("weight `{name}` missing")))
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let device = embed.device().clone();
+        let dtype = embed.dtype();
+        let mut layers = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |n: &str, bias: bool| -> Res<Linear> {
+                Ok(Linear {
+                    w: take(&format!("{p}.{n}.weight"))?,
+                    b: if bias {
+                        Some(take(&format!("{p}.{n}.bias"))?)
+                    } else {
+                        None
+                    },
+                })
+            };
+            let q = lin("self_attn.q_proj", config.qkv_bias)?;
+            let k = lin("self_attn.k_proj", config.qkv_bias)?;
+            let v = lin("self_attn.v_proj", config.qkv_bias)?;
+            let o = lin("self_attn.o_proj", config.o_bias)?;
+            let gate = lin("mlp.gate_proj", config.mlp_bias)?;
+            let up = lin("mlp.up_proj", config.mlp_bias)?;
+            let down = lin("mlp.down_proj", config.mlp_bias)?;
+            let gemma = config.family == Family::Gemma2;
+            layers.push(Layer {
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+                input_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                post_attn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                pre_ff_norm: if gemma {
+                    Some(take(&format!("{p}.pre_feedforward_layernorm.weight"))?)
+                } else {
+                    None
+                },
+                post_ff_norm: if gemma {
+                    Some(take(&format!("{p}.post_feedforward_layernorm.weight"))?)
+                } else {
+                    None
+                },
+                window: config.layer_windows[l],
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        Ok(Decoder {
+            inv_freq: inv_freq(&config),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device,
+            dtype,
+        })
+    }
+
+    /// Build with every weight a trainable `Var` (fp32 master weights belong to the caller's dtype
+    /// choice). Tied embeddings share one Var.
+    pub fn trainable(
+        config: ModelConfig,
+        w: HashMap<String, Tensor>,
+    ) -> Res<(Decoder, BTreeMap<String, Var>)> {
+        let mut vars = BTreeMap::new();
+        let mut tensors = HashMap::new();
+        for (name, t) in w {
+            let v = Var::from_tensor(&t).ctx(|| format!("making `{name}` trainable"))?;
+            tensors.insert(name.clone(), v.as_tensor().clone());
+            vars.insert(name, v);
+        }
+        Ok((Decoder::new(config, tensors)?, vars))
+    }
+
+    /// The current weights by Hugging Face name (for saving).
+    pub fn weights(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        out.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        out.insert("model.norm.weight".into(), self.norm.clone());
+        if !self.config.tie_word_embeddings {
+            out.insert("lm_head.weight".into(), self.lm_head.clone());
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let mut put = |n: &str, lin: &Linear| {
+                out.insert(format!("{p}.{n}.weight"), lin.w.clone());
+                if let Some(b) = &lin.b {
+                    out.insert(format!("{p}.{n}.bias"), b.clone());
+                }
+            };
+            put("self_attn.q_proj", &layer.q);
+            put("self_attn.k_proj", &layer.k);
+            put("self_attn.v_proj", &layer.v);
+            put("self_attn.o_proj", &layer.o);
+            put("mlp.gate_proj", &layer.gate);
+            put("mlp.up_proj", &layer.up);
+            put("mlp.down_proj", &layer.down);
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_norm.clone(),
+            );
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attn_norm.clone(),
+            );
+            if let Some(n) = &layer.pre_ff_norm {
+                out.insert(format!("{p}.pre_feedforward_layernorm.weight"), n.clone());
+            }
+            if let Some(n) = &layer.post_ff_norm {
+                out.insert(format!("{p}.post_feedforward_layernorm.weight"), n.clone());
+            }
+        }
+        out
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// cos/sin tables `[b, 1, t, head_dim]` for the given positions.
+    fn rope_tables(&self, positions: &[Vec<u32>]) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, t) = (positions.len(), positions[0].len());
+        let d = self.config.head_dim;
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
+        for row in positions {
+            for &p in row {
+                // cos/sin of cat(freqs, freqs): the two halves repeat.
+                for _ in 0..2 {
+                    for f in &self.inv_freq {
+                        // float32 product, as transformers computes it.
+                        let a = (p as f32 * *f as f32) as f64;
+                        cos.push(a.cos() as f32);
+                        sin.push(a.sin() as f32);
+                    }
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, 1, t, d), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, d), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Additive mask `[b, 1, q, k]` (0 or f32::MIN) for queries at the last `q` of `k` positions.
+    fn mask(
+        &self,
+        attn: &[Vec<u8>],
+        q: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, k) = (attn.len(), attn[0].len());
+        let mut m = Vec::with_capacity(b * q * k);
+        for row in attn {
+            for i in 0..q {
+                let qi = k - q + i;
+                for (j, &keep) in row.iter().enumerate() {
+                    let ok = keep != 0 && j <= qi && window.is_none_or(|w| qi - j < w);
+                    m.push(if ok { 0.0f32 } else { f32::MIN });
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, q, k), &self.device)
+    }
+
+    /// Logits `[b, t, vocab]` for `ids` (`[b][t]`, the new tokens). `attn` (`[b][past + t]`) marks real
+    /// tokens (1) and padding (0) over the cached and the new positions. Positions follow the
+    /// mask (cumulative count of real tokens), as transformers' generate does for left padding.
+    pub fn forward(
+        &self,
+        ids: &[Vec<u32>],
+        attn: &[Vec<u8>],
+        cache: Option<&mut KvCache>,
+    ) -> Res<Tensor> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, Vec::len);
+        if b == 0 || t == 0 || attn.len() != b || ids.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Invalid(
+                "forward needs a non-empty rectangular batch with one mask row per sequence".into(),
+            ));
+        }
+        let k_len = attn[0].len();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if k_len != past + t || attn.iter().any(|r| r.len() != k_len) {
+            return Err(ModelError::Invalid(format!(
+                "attention mask covers {k_len} positions, expected {} cached + {t} new",
+                past
+            )));
+        }
+        if let Some(&bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&x| x as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            )));
+        }
+        let positions: Vec<Vec<u32>> = attn
+            .iter()
+            .map(|row| {
+                let mut c = 0u32;
+                let all: Vec<u32> = row
+                    .iter()
+                    .map(|&m| {
+                        c += m as u32;
+                        c.saturating_sub(1)
+                    })
+                    .collect();
+                all[k_len - t..].to_vec()
+            })
+            .collect();
+        self.forward_inner(ids, attn, &positions, cache)
+            .ctx(|| format!("{} forward", self.config.family.model_type()))
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &[Vec<u32>],
+        attn: &[Vec<u8>],
+        positions: &[Vec<u32>],
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = (ids.len(), ids[0].len());
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let idx = Tensor::from_vec(flat, b * t, &self.device)?;
+        let mut h = self
+            .embed
+            .index_select(&idx, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        let gemma = cfg.family == Family::Gemma2;
+        if gemma {
+            // transformers casts the normaliser to the hidden dtype before multiplying.
+            let n = Tensor::new(&[(cfg.hidden_size as f32).sqrt()], &self.device)?
+                .to_dtype(self.dtype)?;
+            h = h.broadcast_mul(&n)?;
+        }
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for w in &cfg.layer_windows {
+            if !masks.iter().any(|(x, _)| x == w) {
+                masks.push((*w, self.mask(attn, t, *w)?));
+            }
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = vec![None; self.layers.len()];
+            }
+        }
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let scale = match cfg.query_pre_attn_scalar {
+            Some(s) => s.powf(-0.5),
+            None => (hd as f64).powf(-0.5),
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = h.clone();
+            let x = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
+            let q = layer
+                .q
+                .forward(&x)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = layer
+                .k
+                .forward(&x)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = layer
+                .v
+                .forward(&x)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let mut k = apply_rope(&k, &cos, &sin)?;
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &c.layers[li] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                c.layers[li] = Some((k.clone(), v.clone()));
+            }
+            let k = repeat_kv(k, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let acc_dt = acc(self.dtype);
+            let mut scores = (q
+                .to_dtype(acc_dt)?
+                .matmul(&k.to_dtype(acc_dt)?.t()?.contiguous()?)?
+                * scale)?;
+            if let Some(cap) = cfg.attn_logit_softcapping {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = &masks
+                .iter()
+                .find(|(w, _)| *w == layer.window)
+                .expect("a mask per window")
+                .1;
+            let scores = scores.broadcast_add(&mask.to_dtype(acc_dt)?)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+            let a = probs
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            let mut a = layer.o.forward(&a)?;
+            if gemma {
+                a = rms_norm(&a, &layer.post_attn_norm, cfg.rms_norm_eps, true)?;
+                h = (residual + a)?;
+                let r2 = h.clone();
+                let x = rms_norm(
+                    &h,
+                    layer.pre_ff_norm.as_ref().expect("gemma"),
+                    cfg.rms_norm_eps,
+                    true,
+                )?;
+                let m = self.mlp(layer, &x)?;
+                let m = rms_norm(
+                    &m,
+                    layer.post_ff_norm.as_ref().expect("gemma"),
+                    cfg.rms_norm_eps,
+                    true,
+                )?;
+                h = (r2 + m)?;
+            } else {
+                h = (residual + a)?;
+                let r2 = h.clone();
+                let x = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps, false)?;
+                h = (r2 + self.mlp(layer, &x)?)?;
+            }
+        }
+        let h = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
+        let mut logits = h.broadcast_matmul(&self.lm_head.t()?)?;
+        if let Some(cap) = cfg.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = layer.gate.forward(x)?;
+        let g = match self.config.activation {
+            Activation::Silu => g.silu()?,
+            Activation::GeluTanh => gelu_tanh(&g)?,
+        };
+        layer.down.forward(&(g * layer.up.forward(x)?)?)
+    }
+
+    /// Log-probabilities `[b, t-1]` (f32; f64 for f64 models) of each token given the ones before it; differentiable.
+    /// Entries at padded targets are meaningless: mask them with `attn[.., 1..]`.
+    pub fn token_logprobs(&self, ids: &[Vec<u32>], attn: &[Vec<u8>]) -> Res<Tensor> {
+        let logits = self.forward(ids, attn, None)?;
+        let (b, t) = (ids.len(), ids[0].len());
+        let go = || -> candle_core::Result<Tensor> {
+            let logits = logits.narrow(1, 0, t - 1)?.to_dtype(acc(self.dtype))?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let targets: Vec<u32> = ids.iter().flat_map(|r| r[1..].iter().copied()).collect();
+            let targets = Tensor::from_vec(targets, (b, t - 1, 1), &self.device)?;
+            logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)
+        };
+        if t < 2 {
+            return Err(ModelError::Invalid(
+                "log-probs need at least two tokens".into(),
+            ));
+        }
+        go().ctx(|| "log-probs".into())
+    }
+}

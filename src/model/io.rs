@@ -1,0 +1,289 @@
+//! Reading and writing Hugging Face checkpoint directories: config.json, model.safetensors or a sharded
+//! `model.safetensors.index.json`, tokenizer.json, tokenizer_config.json / chat_template.jinja.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::chat::ChatTemplate;
+use super::config::ModelConfig;
+use super::{CandleContext, ModelError};
+
+/// A checkpoint directory with its config, tokenizer and chat template (weights load separately).
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub tokenizer_config: Value,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A special token as tokenizer_config.json writes it: a string or an AddedToken dict.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(m) => m.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint, ModelError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+                ModelError::Tokenizer {
+                    path: tok_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?)
+        } else {
+            None
+        };
+        let tc_path = dir.join("tokenizer_config.json");
+        let tokenizer_config: Value = if tc_path.is_file() {
+            let text = fs::read_to_string(&tc_path).map_err(io_err(&tc_path))?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: tc_path.clone(),
+                reason: format!("line {}: {e}", e.line()),
+            })?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, source_path) = if jinja.is_file() {
+            (
+                Some(fs::read_to_string(&jinja).map_err(io_err(&jinja))?),
+                jinja,
+            )
+        } else {
+            let t = match tokenizer_config.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: the "default" one.
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            };
+            (t, tc_path.clone())
+        };
+        let chat_template = source.map(|s| {
+            ChatTemplate::new(
+                s,
+                source_path,
+                token_text(tokenizer_config.get("bos_token")),
+                token_text(tokenizer_config.get("eos_token")),
+            )
+        });
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer,
+            tokenizer_config,
+            chat_template,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer, ModelError> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ModelError::Tokenizer {
+                path: self.dir.join("tokenizer.json"),
+                reason: "missing".into(),
+            })
+    }
+
+    pub fn template(&self) -> Result<&ChatTemplate, ModelError> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| ModelError::NoTemplate {
+                dir: self.dir.clone(),
+            })
+    }
+
+    /// Token ids that end generation: the config's eos ids plus the tokenizer's eos token.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        if let (Some(t), Some(eos)) = (
+            &self.tokenizer,
+            token_text(self.tokenizer_config.get("eos_token")),
+        ) {
+            if let Some(id) = t.token_to_id(&eos) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+}
+
+/// The safetensors files of a checkpoint and, for each, the path to name in errors.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ModelError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let text = fs::read_to_string(&index).map_err(io_err(&index))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: index.clone(),
+        reason: e.to_string(),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ModelError::Config {
+            path: index.clone(),
+            reason: "no `weight_map`".into(),
+        })?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    let mut out = Vec::new();
+    for s in shards {
+        let p = dir.join(&s);
+        if !p.is_file() {
+            return Err(ModelError::MissingShard {
+                index: index.clone(),
+                shard: s,
+            });
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Load every weight the config needs, checking names and shapes, converted to `dtype` on `device`.
+pub fn load_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let files = weight_files(dir)?;
+    let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
+    for f in &files {
+        let tensors = candle_core::safetensors::load(f, &Device::Cpu)
+            .ctx(|| format!("reading {}", f.display()))?;
+        for (name, t) in tensors {
+            found.insert(name, (t, f.clone()));
+        }
+    }
+    let blame = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.join("model.safetensors.index.json")
+    };
+    let mut out = HashMap::new();
+    for (name, shape) in config.expected_tensors() {
+        let (t, file) = found
+            .remove(&name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: blame.clone(),
+                tensor: name.clone(),
+            })?;
+        if t.dims() != shape.as_slice() {
+            return Err(ModelError::ShapeMismatch {
+                path: file,
+                tensor: name,
+                found: t.dims().to_vec(),
+                expected: shape,
+            });
+        }
+        let t = t
+            .to_dtype(dtype)
+            .and_then(|t| t.to_device(device))
+            .ctx(|| format!("converting `{name}`"))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Write a checkpoint directory that Hugging Face transformers loads unchanged: config.json (the
+/// original fields, with the stored dtype), model.safetensors, and the tokenizer files of `source`.
+/// Written into a temporary sibling and renamed, so a crash never leaves a half checkpoint at `out`.
+pub fn save_checkpoint(
+    out: &Path,
+    config: &ModelConfig,
+    weights: &BTreeMap<String, Tensor>,
+    dtype: DType,
+    source: Option<&Path>,
+) -> Result<(), ModelError> {
+    let parent = out.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        out.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("checkpoint"),
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let cfg = config.to_json(super::dtype_name(dtype));
+    let cfg_path = tmp.join("config.json");
+    fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&cfg).expect("serialises") + "\n",
+    )
+    .map_err(io_err(&cfg_path))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in weights {
+        let t = t
+            .to_dtype(dtype)
+            .and_then(|t| t.to_device(&Device::Cpu))
+            .and_then(|t| t.contiguous())
+            .ctx(|| format!("preparing `{name}` for saving"))?;
+        tensors.insert(name.clone(), t);
+    }
+    let st = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &st).ctx(|| format!("writing {}", st.display()))?;
+    if let Some(src) = source {
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ] {
+            let p = src.join(name);
+            if p.is_file() {
+                fs::copy(&p, tmp.join(name)).map_err(io_err(&p))?;
+            }
+        }
+    }
+    for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+        let p = e.map_err(io_err(&tmp))?.path();
+        fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
+    }
+    if out.exists() {
+        fs::remove_dir_all(out).map_err(io_err(out))?;
+    }
+    fs::rename(&tmp, out).map_err(io_err(out))?;
+    Ok(())
+}
