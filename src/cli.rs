@@ -54,6 +54,109 @@ pub enum Command {
     /// Low-level store operations.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Hugging Face checkpoints: inspect, render chat, score, generate, save.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PromptArgs {
+    /// Raw prompt text (tokenised with the tokenizer's special tokens).
+    #[arg(long, group = "prompt_source")]
+    pub prompt: Option<String>,
+    /// A JSON file with a list of {role, content} messages, rendered with the chat template
+    /// and its generation prompt.
+    #[arg(long, group = "prompt_source")]
+    pub messages: Option<PathBuf>,
+    /// Comma-separated token ids.
+    #[arg(long, group = "prompt_source", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Extra chat-template variables, `name=value` (e.g. `date_string=26 Jul 2024`).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Family, parameter count, dtype, context length and layout of a checkpoint.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a conversation rendered with the checkpoint's chat template.
+    Render {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        messages: PathBuf,
+        #[arg(long)]
+        add_generation_prompt: bool,
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
+    /// Per-token log-probs of a completion given a prompt, and their sum.
+    Logprobs {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        /// Completion text (tokenised without special tokens).
+        #[arg(long, conflicts_with = "completion_ids")]
+        completion: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        completion_ids: Option<Vec<u32>>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt (temperature 0 = greedy).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        /// Stop when the text contains this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a checkpoint and write it back in Hugging Face layout (optionally in another dtype).
+    Save {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored dtype: f32, bf16 or f16 (default: the compute dtype f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 #[derive(Args, Debug)]

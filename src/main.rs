@@ -22,6 +22,7 @@ fn main() {
         Command::Fsck(a) => commands::fsck(store, a),
         Command::ExecStep(a) => commands::exec_step(store, a),
         Command::Store(c) => commands::store(store, c),
+        Command::Model(c) => commands::model(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

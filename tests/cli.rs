@@ -793,3 +793,164 @@ fn store_add_pin_checkout_and_gc() {
     assert!(steps_with(&t.run_hello(&[]), "ran").is_empty());
     let _ = r;
 }
+
+mod model_cli {
+    //! `fuselab model ...` on the transformers-made fixtures (tests/fixtures/hf).
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/hf/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn expected(name: &str) -> Value {
+        serde_json::from_str(
+            &fs::read_to_string(format!("{}/expected.json", fixture(name))).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn join(ids: &[Value]) -> String {
+        ids.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    #[test]
+    fn inspect_logprobs_and_greedy_generate_match_the_reference() {
+        let t = TestContext::new();
+        for name in ["llama", "qwen2", "mistral", "gemma2"] {
+            let info = t.json(&["model", "inspect", &fixture(name)]);
+            assert_eq!(info["family"], name);
+            assert_eq!(info["layers"], 2);
+            assert!(info["parameters"].as_u64().unwrap() > 90_000);
+
+            let exp = expected(name);
+            let row = exp["input_ids"][0].as_array().unwrap();
+            let lp = t.json(&[
+                "model",
+                "logprobs",
+                "--model",
+                &fixture(name),
+                "--prompt-ids",
+                &join(&row[..4]),
+                "--completion-ids",
+                &join(&row[4..]),
+            ]);
+            let want = &exp["logprobs"][0].as_array().unwrap()[3..];
+            let got = lp["logprobs"].as_array().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4,
+                    "{name}"
+                );
+            }
+
+            let prompt = exp["prompts"][1].as_array().unwrap();
+            let g = t.json(&[
+                "model",
+                "generate",
+                "--model",
+                &fixture(name),
+                "--prompt-ids",
+                &join(prompt),
+                "--max-new-tokens",
+                "10",
+            ]);
+            // The fixture's eos (id 4) may stop us earlier than transformers, which ignored eos.
+            let want: Vec<u64> = exp["greedy_new_tokens"][1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let got: Vec<u64> = g["token_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let stop = want.iter().position(|&x| x == 4).unwrap_or(want.len());
+            assert_eq!(got, want[..stop], "{name}");
+        }
+    }
+
+    #[test]
+    fn render_and_template_errors() {
+        let t = TestContext::new();
+        let msgs = t.dir.path().join("m.json");
+        fs::write(
+            &msgs,
+            r#"[{"role":"system","content":"S"},{"role":"user","content":"Hi"}]"#,
+        )
+        .unwrap();
+        let out = t.ok(&[
+            "model",
+            "render",
+            "--model",
+            &fixture("qwen2"),
+            "--messages",
+            msgs.to_str().unwrap(),
+            "--add-generation-prompt",
+        ]);
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+
+        // Gemma-2's real template refuses a system turn: the error names the template and line.
+        let g = t.dir.path().join("gemma");
+        fs::create_dir_all(&g).unwrap();
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            fs::copy(format!("{}/{f}", fixture("gemma2")), g.join(f)).unwrap();
+        }
+        fs::copy(
+            format!(
+                "{}/../shared/data/chat_templates/google-gemma-2-2b-it.jinja",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            g.join("chat_template.jinja"),
+        )
+        .unwrap();
+        let err = t.fails(&[
+            "model",
+            "render",
+            "--model",
+            g.to_str().unwrap(),
+            "--messages",
+            msgs.to_str().unwrap(),
+        ]);
+        assert!(
+            err.contains("chat_template.jinja: line 1")
+                && err.contains("System role not supported"),
+            "{err}"
+        );
+
+        // An unsupported architecture names its config file.
+        let f = t.dir.path().join("falcon");
+        fs::create_dir_all(&f).unwrap();
+        fs::write(
+            f.join("config.json"),
+            r#"{"model_type": "falcon", "hidden_size": 8}"#,
+        )
+        .unwrap();
+        let err = t.fails(&["model", "inspect", f.to_str().unwrap()]);
+        assert!(
+            err.contains("falcon/config.json") && err.contains("unsupported architecture `falcon`"),
+            "{err}"
+        );
+
+        // Saving converts dtype and the result loads again.
+        let out = t.dir.path().join("resaved");
+        t.ok(&[
+            "model",
+            "save",
+            "--model",
+            &fixture("llama"),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ]);
+        let info = t.json(&["model", "inspect", out.to_str().unwrap()]);
+        assert_eq!(info["dtype"], "bfloat16");
+    }
+}

@@ -1,10 +1,12 @@
 //! One function per subcommand. They print; the library computes.
 
 mod inspect;
+mod model;
 mod run;
 mod store;
 
 pub use inspect::{diff, lineage, list, show};
+pub use model::model;
 pub use run::{exec_step, plan, run, verify};
 pub use store::{fsck, gc, store};
 
