@@ -189,7 +189,7 @@ pub fn model(cmd: &ModelCommand) -> Status {
                 tok.and_then(|t| t.decode(ids, true).ok())
                     .unwrap_or_default()
             };
-            let g = generate(&dec, &[p.clone()], &params, &decode)?
+            let g = generate(&dec, std::slice::from_ref(&p), &params, &decode)?
                 .pop()
                 .expect("one prompt, one generation");
             let mut text = decode(&g.tokens);
