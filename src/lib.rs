@@ -6,6 +6,7 @@ pub mod generate;
 pub mod model;
 pub mod recipe;
 pub mod store;
+pub mod train;
 pub mod util;
 
 #[path = "../experiments/mod.rs"]

@@ -1,0 +1,461 @@
+//! The two training stages of FuseChat-3.0: SFT on the best answers, then the DPO family (sigmoid DPO,
+//! length-normalised DPO, WRPO) on preference pairs; with AdamW state we own, cosine schedule,
+//! gradient accumulation and clipping, checkpoints, and resume that continues bit-identically.
+
+pub mod data;
+pub mod objective;
+pub mod optim;
+
+pub use objective::{DpoLoss, DpoObjective, Objective, SftObjective};
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::generate::Rng;
+use crate::model::{load_weights, save_checkpoint, Checkpoint, Decoder, ModelError};
+use optim::{accumulate, clip_grad_norm, cosine_lr, grads_of, AdamW, AdamWConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "non-finite loss ({loss}) at step {step} (rows at lines {lines:?}); no update was applied"
+    )]
+    NonFinite {
+        step: usize,
+        loss: f64,
+        lines: Vec<usize>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (global batch = batch_size * grad_accum).
+    pub grad_accum: usize,
+    /// Sequences longer than this are truncated at the end (SFT) or dropped and counted (DPO
+    /// prompts that leave no room for an answer).
+    pub max_len: usize,
+    pub warmup_ratio: f64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub adamw: AdamWConfig,
+    pub seed: u64,
+    /// Checkpoint every this many optimizer steps (0: only the final model).
+    pub save_steps: usize,
+    /// Checkpoints kept (the best by held-out loss is kept in addition).
+    pub keep_last: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 5e-6,
+            epochs: 3,
+            batch_size: 8,
+            grad_accum: 16,
+            max_len: 2048,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            adamw: AdamWConfig::default(),
+            seed: 42,
+            save_steps: 100,
+            keep_last: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    total_steps: usize,
+    best: Option<(usize, f64)>,
+    config: TrainConfig,
+}
+
+/// Where a run writes: checkpoints, metrics.jsonl, and the final model.
+pub struct RunPaths {
+    pub out: PathBuf,
+}
+
+impl RunPaths {
+    pub fn metrics(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+    pub fn model(&self) -> PathBuf {
+        self.out.join("model")
+    }
+    fn checkpoint(&self, step: usize) -> PathBuf {
+        self.out.join(format!("checkpoint-{step}"))
+    }
+    fn checkpoints(&self) -> Vec<(usize, PathBuf)> {
+        let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                e.path()
+                    .join("trainer_state.json")
+                    .is_file()
+                    .then(|| (step, e.path()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What a finished (or resumed-and-finished) run reports.
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub final_loss: f64,
+    pub skipped_rows: usize,
+    pub best_checkpoint: Option<usize>,
+    pub model: PathBuf,
+}
+
+/// Example order of one epoch: a seeded Fisher-Yates shuffle, a function of (seed, epoch) only, so a
+/// resumed run sees exactly the batches the uninterrupted one would have.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = Rng::new(seed, 0x5EED_0000 + epoch as u64);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// Hooks for tests: stop (as a crash would) right after an optimizer step.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    pub crash_after_step: Option<usize>,
+    pub quiet: bool,
+}
+
+/// Train `policy` (a checkpoint directory) on `objective`, writing into `paths.out`. If checkpoints
+/// exist there, training resumes from the newest one.
+pub fn train(
+    policy: &Path,
+    objective: &dyn Objective,
+    eval: Option<&dyn Objective>,
+    cfg: &TrainConfig,
+    paths: &RunPaths,
+    device: &Device,
+    hooks: &Hooks,
+) -> Result<TrainSummary, TrainError> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
+        return Err(TrainError::Invalid(
+            "batch size, gradient accumulation and epochs must be at least 1".into(),
+        ));
+    }
+    let n = objective.len();
+    if n == 0 {
+        return Err(TrainError::Invalid("no training examples".into()));
+    }
+    std::fs::create_dir_all(&paths.out).map_err(io(&paths.out))?;
+    let window = cfg.batch_size * cfg.grad_accum;
+    let steps_per_epoch = n.div_ceil(window);
+    let total = steps_per_epoch * cfg.epochs;
+
+    let ck = Checkpoint::open(policy)?;
+    let resume = paths.checkpoints().pop();
+    let (weights_dir, mut opt, mut state, resumed_from) = match &resume {
+        Some((step, dir)) => {
+            let st: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+            if st.total_steps != total {
+                return Err(TrainError::Invalid(format!(
+                    "{}: checkpoint was made for {} steps, this run has {total}: different data or settings",
+                    dir.display(),
+                    st.total_steps
+                )));
+            }
+            let opt = AdamW::load(
+                cfg.adamw.clone(),
+                &dir.join("optimizer.safetensors"),
+                device,
+            )?;
+            (dir.join("model"), opt, st, Some(*step))
+        }
+        None => (
+            policy.to_path_buf(),
+            AdamW::new(cfg.adamw.clone()),
+            TrainerState {
+                step: 0,
+                total_steps: total,
+                best: None,
+                config: cfg.clone(),
+            },
+            None,
+        ),
+    };
+    let w = load_weights(&weights_dir, &ck.config, device, DType::F32)?;
+    let (model, vars) = Decoder::trainable(ck.config.clone(), w)?;
+    truncate_metrics(&paths.metrics(), state.step)?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.metrics())
+        .map_err(io(&paths.metrics()))?;
+
+    let bar = if hooks.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "train {bar:30} {pos}/{len} steps  loss {msg}  [{elapsed_precise} eta {eta}]",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(state.step as u64);
+    let mut last_loss = f64::NAN;
+    while state.step < total {
+        let step = state.step;
+        let epoch = step / steps_per_epoch;
+        let k = step % steps_per_epoch;
+        let order = epoch_order(n, cfg.seed, epoch);
+        let idx = &order[k * window..((k + 1) * window).min(n)];
+        let lr = cosine_lr(cfg.lr, step, total, cfg.warmup_ratio);
+        let t0 = Instant::now();
+        let norm = objective.normaliser(idx);
+        let mut grads = BTreeMap::new();
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut loss_total = 0.0;
+        let mut tokens = 0usize;
+        for micro in idx.chunks(cfg.batch_size) {
+            let out = objective.micro_loss(&model, micro, step, total, norm)?;
+            let l = out
+                .loss
+                .to_dtype(DType::F64)
+                .and_then(|x| x.to_scalar::<f64>())
+                .map_err(|e| ModelError::Candle {
+                    context: "reading the loss".into(),
+                    source: e,
+                })?;
+            if !l.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    loss: l,
+                    lines: micro.iter().map(|&i| objective.line(i)).collect(),
+                });
+            }
+            loss_total += l;
+            tokens += out.tokens;
+            for (k2, v) in out.sums {
+                *sums.entry(k2).or_default() += v;
+            }
+            let g = out.loss.backward().map_err(|e| ModelError::Candle {
+                context: "backward".into(),
+                source: e,
+            })?;
+            accumulate(&mut grads, grads_of(&vars, &g))?;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                loss: grad_norm,
+                lines: idx.iter().map(|&i| objective.line(i)).collect(),
+            });
+        }
+        opt.update(&vars, &grads, lr)?;
+        state.step += 1;
+        last_loss = loss_total;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut line = json!({
+            "step": state.step, "epoch": epoch as f64 + (k + 1) as f64 / steps_per_epoch as f64,
+            "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": tokens as f64 / dt.max(1e-9),
+        });
+        for (k2, v) in objective.finish_metrics(&sums, idx.len()) {
+            line[k2] = json!(v);
+        }
+        let mut eval_loss = None;
+        let save_now = cfg.save_steps > 0 && state.step % cfg.save_steps == 0;
+        if let (Some(e), true) = (eval, save_now || state.step == total) {
+            let (el, em) = evaluate(&model, e)?;
+            line["eval/loss"] = json!(el);
+            for (k2, v) in em {
+                line[format!("eval/{k2}")] = json!(v);
+            }
+            eval_loss = Some(el);
+        }
+        writeln!(metrics_file, "{line}").map_err(io(&paths.metrics()))?;
+        bar.set_message(format!("{loss_total:.4}"));
+        bar.inc(1);
+        if save_now && state.step < total {
+            if let Some(el) = eval_loss {
+                if state.best.is_none_or(|(_, b)| el < b) {
+                    state.best = Some((state.step, el));
+                }
+            }
+            save_train_checkpoint(paths, &ck, &model, &opt, &state)?;
+            prune(paths, cfg.keep_last, state.best.map(|b| b.0))?;
+        }
+        if hooks.crash_after_step == Some(state.step) {
+            return Err(TrainError::Invalid(format!(
+                "simulated crash after step {}",
+                state.step
+            )));
+        }
+    }
+    bar.finish_and_clear();
+    metrics_file.flush().map_err(io(&paths.metrics()))?;
+    save_checkpoint(
+        &paths.model(),
+        &ck.config,
+        &model.weights(),
+        DType::F32,
+        Some(policy),
+    )?;
+    Ok(TrainSummary {
+        steps: state.step,
+        resumed_from,
+        final_loss: last_loss,
+        skipped_rows: objective.skipped(),
+        best_checkpoint: state.best.map(|b| b.0),
+        model: paths.model(),
+    })
+}
+
+/// Mean loss and metrics over a held-out set, without gradients.
+pub fn evaluate(
+    model: &Decoder,
+    eval: &dyn Objective,
+) -> Result<(f64, BTreeMap<String, f64>), TrainError> {
+    let all: Vec<usize> = (0..eval.len()).collect();
+    let norm = eval.normaliser(&all);
+    let mut loss = 0.0;
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    for chunk in all.chunks(8) {
+        let out = eval.micro_loss(model, chunk, 0, 1, norm)?;
+        loss += out
+            .loss
+            .detach()
+            .to_dtype(DType::F64)
+            .and_then(|x| x.to_scalar::<f64>())
+            .map_err(|e| ModelError::Candle {
+                context: "eval loss".into(),
+                source: e,
+            })?;
+        for (k, v) in out.sums {
+            *sums.entry(k).or_default() += v;
+        }
+    }
+    Ok((loss, eval.finish_metrics(&sums, all.len())))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Drop metric lines past `step` (written after the checkpoint a resumed run restarts from).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(path, body).map_err(io(path))
+}
+
+/// checkpoint-N/{model/, optimizer.safetensors, trainer_state.json}, built aside and renamed into place.
+fn save_train_checkpoint(
+    paths: &RunPaths,
+    ck: &Checkpoint,
+    model: &Decoder,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<(), TrainError> {
+    let dest = paths.checkpoint(state.step);
+    let tmp = paths
+        .out
+        .join(format!(".checkpoint-{}.partial", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    save_checkpoint(
+        &tmp.join("model"),
+        &ck.config,
+        &model.weights(),
+        DType::F32,
+        Some(&ck.dir),
+    )?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    let st = tmp.join("trainer_state.json");
+    std::fs::write(&st, serde_json::to_vec_pretty(state).expect("serialises")).map_err(io(&st))?;
+    for f in [&st, &tmp.join("optimizer.safetensors")] {
+        std::fs::File::open(f)
+            .and_then(|x| x.sync_all())
+            .map_err(io(f))?;
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))
+}
+
+fn prune(paths: &RunPaths, keep_last: usize, best: Option<usize>) -> Result<(), TrainError> {
+    let all = paths.checkpoints();
+    let n = all.len();
+    for (i, (step, dir)) in all.into_iter().enumerate() {
+        let recent = i + keep_last.max(1) >= n;
+        if !recent && Some(step) != best {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+    }
+    Ok(())
+}
+
+/// Trainable variables' count, for messages.
+pub fn count_params(vars: &BTreeMap<String, Var>) -> usize {
+    vars.values().map(|v| v.elem_count()).sum()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,455 @@
+//! Losses: SFT (mean negative log-likelihood of assistant tokens over the global batch, as transformers
+//! averages labelled tokens) and the DPO family, with the metrics TRL logs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::data::{read_jsonl, sft_messages, tokenize_pair, tokenize_sft, DataError, PairExample};
+use super::TrainError;
+use crate::model::{ChatTemplate, Decoder, ModelError};
+
+pub struct MicroOut {
+    /// Scalar; already divided by the step's normaliser, so micro-batch losses add up.
+    pub loss: Tensor,
+    pub tokens: usize,
+    /// Per-example sums of metrics, averaged by `finish_metrics`.
+    pub sums: BTreeMap<String, f64>,
+}
+
+pub trait Objective {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The data file line an example came from (for errors).
+    fn line(&self, i: usize) -> usize;
+    /// Rows dropped while loading (reported, never silent).
+    fn skipped(&self) -> usize;
+    /// What the step's summed loss is divided by (label tokens for SFT, pairs for DPO).
+    fn normaliser(&self, idx: &[usize]) -> f64;
+    fn micro_loss(
+        &self,
+        model: &Decoder,
+        idx: &[usize],
+        step: usize,
+        total: usize,
+        norm: f64,
+    ) -> Result<MicroOut, TrainError>;
+    fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64>;
+}
+
+fn candle<T>(r: candle_core::Result<T>, what: &str) -> Result<T, TrainError> {
+    r.map_err(|e| {
+        TrainError::Model(ModelError::Candle {
+            context: what.to_string(),
+            source: e,
+        })
+    })
+}
+
+/// Right-pad sequences; returns ids and attention mask.
+fn pad(seqs: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let w = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let ids = seqs
+        .iter()
+        .map(|s| {
+            let mut r = s.to_vec();
+            r.resize(w, 0);
+            r
+        })
+        .collect();
+    let mask = seqs
+        .iter()
+        .map(|s| {
+            let mut r = vec![1u8; s.len()];
+            r.resize(w, 0);
+            r
+        })
+        .collect();
+    (ids, mask)
+}
+
+pub struct SftObjective {
+    pub(crate) examples: Vec<(usize, Vec<u32>, Vec<u8>)>,
+    skipped: usize,
+}
+
+impl SftObjective {
+    /// Load and tokenise `path`. Rows that keep no assistant token within `max_len` are skipped and
+    /// counted; malformed rows are errors naming the line.
+    pub fn load(
+        path: &Path,
+        template: &ChatTemplate,
+        tok: &tokenizers::Tokenizer,
+        max_len: usize,
+        extra: &Value,
+    ) -> Result<SftObjective, TrainError> {
+        let mut examples = Vec::new();
+        let mut skipped = 0;
+        for row in read_jsonl(path)? {
+            let msgs = sft_messages(path, &row)?;
+            let mut ex =
+                tokenize_sft(template, tok, &msgs, extra).map_err(|source| DataError::Model {
+                    path: path.to_path_buf(),
+                    line: row.line,
+                    source: Box::new(source),
+                })?;
+            ex.ids.truncate(max_len);
+            ex.mask.truncate(max_len);
+            if ex.ids.len() < 2 || ex.mask[1..].iter().all(|&m| m == 0) {
+                skipped += 1;
+                continue;
+            }
+            examples.push((row.line, ex.ids, ex.mask));
+        }
+        if examples.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                skipped,
+            }
+            .into());
+        }
+        Ok(SftObjective { examples, skipped })
+    }
+}
+
+impl Objective for SftObjective {
+    fn len(&self) -> usize {
+        self.examples.len()
+    }
+    fn line(&self, i: usize) -> usize {
+        self.examples[i].0
+    }
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+    fn normaliser(&self, idx: &[usize]) -> f64 {
+        idx.iter()
+            .map(|&i| {
+                self.examples[i].2[1..]
+                    .iter()
+                    .map(|&m| m as usize)
+                    .sum::<usize>()
+            })
+            .sum::<usize>() as f64
+    }
+    fn micro_loss(
+        &self,
+        model: &Decoder,
+        idx: &[usize],
+        _step: usize,
+        _total: usize,
+        norm: f64,
+    ) -> Result<MicroOut, TrainError> {
+        let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.examples[i].1.as_slice()).collect();
+        let (ids, attn) = pad(&seqs);
+        let lp = model.token_logprobs(&ids, &attn)?;
+        let (b, t) = (ids.len(), ids[0].len());
+        let mut m = Vec::with_capacity(b * (t - 1));
+        for &i in idx {
+            let mask = &self.examples[i].2;
+            for j in 1..t {
+                m.push(mask.get(j).copied().unwrap_or(0) as f32);
+            }
+        }
+        let dev = model.device().clone();
+        let loss = candle(
+            (|| {
+                let m = Tensor::from_vec(m, (b, t - 1), &dev)?.to_dtype(lp.dtype())?;
+                ((lp * m)?.sum_all()?.neg()? / norm)?.to_dtype(DType::F32)
+            })(),
+            "SFT loss",
+        )?;
+        Ok(MicroOut {
+            loss,
+            tokens: seqs.iter().map(|s| s.len()).sum(),
+            sums: BTreeMap::new(),
+        })
+    }
+    fn finish_metrics(&self, _: &BTreeMap<String, f64>, _: usize) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum DpoLoss {
+    /// -log σ(β Δ) with optional label smoothing.
+    Sigmoid { label_smoothing: f64 },
+    /// Each log-ratio divided by its response length (Tulu 3's dpo_norm, TRL's sigmoid_norm).
+    LnDpo,
+    /// WRPO: the preferred reward blends the source-preferred and target-preferred answers.
+    Wrpo {
+        alpha: f64,
+        /// α rises linearly from 0 over training when true, else stays constant.
+        dynamic: bool,
+        label_smoothing: f64,
+    },
+}
+
+pub struct DpoObjective {
+    pub beta: f64,
+    pub loss: DpoLoss,
+    pairs: Vec<(usize, PairExample)>,
+    /// Reference log-probs (chosen, rejected, target) per pair.
+    reference: Vec<[f64; 3]>,
+    skipped: usize,
+}
+
+/// Sequences of a pair: chosen, rejected, and the target-preferred answer for WRPO.
+fn answers(p: &PairExample) -> Vec<&[u32]> {
+    let mut v = vec![p.chosen.as_slice(), p.rejected.as_slice()];
+    if let Some(t) = &p.chosen_target {
+        v.push(t);
+    }
+    v
+}
+
+impl DpoObjective {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        path: &Path,
+        template: &ChatTemplate,
+        tok: &tokenizers::Tokenizer,
+        max_len: usize,
+        extra: &Value,
+        beta: f64,
+        loss: DpoLoss,
+    ) -> Result<DpoObjective, TrainError> {
+        let wrpo = matches!(loss, DpoLoss::Wrpo { .. });
+        let mut pairs = Vec::new();
+        let mut skipped = 0;
+        for row in read_jsonl(path)? {
+            let mut p = tokenize_pair(path, &row, template, tok, extra, wrpo)?;
+            if p.prompt.len() + 1 > max_len {
+                skipped += 1;
+                continue;
+            }
+            let room = max_len - p.prompt.len();
+            p.chosen.truncate(room);
+            p.rejected.truncate(room);
+            if let Some(t) = &mut p.chosen_target {
+                t.truncate(room);
+            }
+            pairs.push((row.line, p));
+        }
+        if pairs.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                skipped,
+            }
+            .into());
+        }
+        Ok(DpoObjective {
+            beta,
+            loss,
+            pairs,
+            reference: Vec::new(),
+            skipped,
+        })
+    }
+
+    pub fn pairs(&self) -> impl Iterator<Item = &PairExample> {
+        self.pairs.iter().map(|(_, p)| p)
+    }
+
+    /// Summed completion log-probs `[n_seq]` of every answer of the given pairs, in the order
+    /// chosen..., rejected..., target... .
+    fn seq_logps(&self, model: &Decoder, idx: &[usize]) -> Result<(Tensor, Vec<f64>), TrainError> {
+        let k = if matches!(self.loss, DpoLoss::Wrpo { .. }) {
+            3
+        } else {
+            2
+        };
+        let mut seqs: Vec<Vec<u32>> = Vec::new();
+        let mut plen = Vec::new();
+        let mut lens = Vec::new();
+        for a in 0..k {
+            for &i in idx {
+                let p = &self.pairs[i].1;
+                let ans = answers(p)[a];
+                let mut s = p.prompt.clone();
+                s.extend_from_slice(ans);
+                plen.push(p.prompt.len());
+                lens.push(ans.len() as f64);
+                seqs.push(s);
+            }
+        }
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let (ids, attn) = pad(&refs);
+        let lp = model.token_logprobs(&ids, &attn)?;
+        let t = ids[0].len();
+        let mut m = Vec::with_capacity(seqs.len() * (t - 1));
+        for (s, &pl) in seqs.iter().zip(&plen) {
+            for j in 1..t {
+                m.push((j >= pl && j < s.len()) as u8 as f32);
+            }
+        }
+        let dev = model.device().clone();
+        let sums = candle(
+            (|| {
+                let m = Tensor::from_vec(m, (seqs.len(), t - 1), &dev)?.to_dtype(lp.dtype())?;
+                (lp * m)?.sum(1)
+            })(),
+            "completion log-probs",
+        )?;
+        Ok((sums, lens))
+    }
+
+    /// Compute the reference log-probs once (no gradients).
+    pub fn compute_reference(&mut self, reference: &Decoder) -> Result<(), TrainError> {
+        let n = self.pairs.len();
+        let mut out = vec![[0.0; 3]; n];
+        let all: Vec<usize> = (0..n).collect();
+        for chunk in all.chunks(8) {
+            let (s, _) = self.seq_logps(reference, chunk)?;
+            let v: Vec<f64> = candle(
+                s.to_dtype(DType::F64).and_then(|x| x.to_vec1()),
+                "reference",
+            )?;
+            let m = chunk.len();
+            for (j, &i) in chunk.iter().enumerate() {
+                for a in 0..v.len() / m {
+                    out[i][a] = v[a * m + j];
+                }
+            }
+        }
+        self.reference = out;
+        Ok(())
+    }
+
+    pub fn reference(&self) -> &[[f64; 3]] {
+        &self.reference
+    }
+
+    pub fn set_reference(&mut self, r: Vec<[f64; 3]>) -> Result<(), TrainError> {
+        if r.len() != self.pairs.len() {
+            return Err(TrainError::Invalid(format!(
+                "reference log-probs cover {} pairs, the data has {}",
+                r.len(),
+                self.pairs.len()
+            )));
+        }
+        self.reference = r;
+        Ok(())
+    }
+}
+
+/// log σ(x), stable and differentiable: min(x, 0) - log(1 + exp(-|x|)).
+fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    let zeros = x.zeros_like()?;
+    x.minimum(&zeros)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+impl Objective for DpoObjective {
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+    fn line(&self, i: usize) -> usize {
+        self.pairs[i].0
+    }
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+    fn normaliser(&self, idx: &[usize]) -> f64 {
+        idx.len() as f64
+    }
+    fn micro_loss(
+        &self,
+        model: &Decoder,
+        idx: &[usize],
+        step: usize,
+        total: usize,
+        norm: f64,
+    ) -> Result<MicroOut, TrainError> {
+        if self.reference.len() != self.pairs.len() {
+            return Err(TrainError::Invalid(
+                "reference log-probs were not computed".into(),
+            ));
+        }
+        let (logps, lens) = self.seq_logps(model, idx)?;
+        let m = idx.len();
+        let dev = model.device().clone();
+        let beta = self.beta;
+        let refv = |a: usize| -> Vec<f64> { idx.iter().map(|&i| self.reference[i][a]).collect() };
+        // (loss, chosen log-ratios, rejected log-ratios, chosen logps, rejected logps)
+        type Parts = (Tensor, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+        let go = || -> candle_core::Result<Parts> {
+            let logps = logps.to_dtype(DType::F64)?;
+            let part = |a: usize| logps.narrow(0, a * m, m);
+            let (pc, pr) = (part(0)?, part(1)?);
+            let rc = Tensor::new(refv(0).as_slice(), &dev)?;
+            let rr = Tensor::new(refv(1).as_slice(), &dev)?;
+            let lc = (&pc - &rc)?;
+            let lr = (&pr - &rr)?;
+            let (delta, ls) = match &self.loss {
+                DpoLoss::Sigmoid { label_smoothing } => ((&lc - &lr)?, *label_smoothing),
+                DpoLoss::LnDpo => {
+                    let len_c = Tensor::new(&lens[..m], &dev)?;
+                    let len_r = Tensor::new(&lens[m..2 * m], &dev)?;
+                    (((&lc / len_c)? - (&lr / len_r)?)?, 0.0)
+                }
+                DpoLoss::Wrpo {
+                    alpha,
+                    dynamic,
+                    label_smoothing,
+                } => {
+                    let a = if *dynamic {
+                        alpha * step as f64 / total.max(1) as f64
+                    } else {
+                        *alpha
+                    };
+                    let pt = part(2)?;
+                    let rt = Tensor::new(refv(2).as_slice(), &dev)?;
+                    let lt = (&pt - &rt)?;
+                    let rw = ((&lc * a)? + (lt * (1.0 - a))?)?;
+                    ((rw - &lr)?, *label_smoothing)
+                }
+            };
+            let z = (&delta * beta)?;
+            let mut per = (log_sigmoid(&z)? * -(1.0 - ls))?;
+            if ls > 0.0 {
+                per = (per - (log_sigmoid(&z.neg()?)? * ls)?)?;
+            }
+            let loss = (per.sum_all()? / norm)?;
+            let v = |t: &Tensor| t.detach().to_vec1::<f64>();
+            Ok((loss, v(&lc)?, v(&lr)?, v(&pc)?, v(&pr)?))
+        };
+        let (loss, lc, lr, pc, pr) = candle(go(), "DPO loss")?;
+        let mut sums = BTreeMap::new();
+        let mut add = |k: &str, x: f64| *sums.entry(k.to_string()).or_insert(0.0) += x;
+        for j in 0..m {
+            let (c, r) = (beta * lc[j], beta * lr[j]);
+            add("rewards/chosen", c);
+            add("rewards/rejected", r);
+            add("rewards/margins", c - r);
+            add("rewards/accuracies", (c > r) as u8 as f64);
+            add("logps/chosen", pc[j]);
+            add("logps/rejected", pr[j]);
+        }
+        let tokens = idx
+            .iter()
+            .map(|&i| {
+                let p = &self.pairs[i].1;
+                answers(p)
+                    .iter()
+                    .map(|a| p.prompt.len() + a.len())
+                    .sum::<usize>()
+            })
+            .sum();
+        Ok(MicroOut {
+            loss: candle(loss.to_dtype(DType::F32), "loss")?,
+            tokens,
+            sums,
+        })
+    }
+    fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
+        sums.iter()
+            .map(|(k, v)| (k.clone(), v / n.max(1) as f64))
+            .collect()
+    }
+}

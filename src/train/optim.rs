@@ -1,0 +1,234 @@
+//! AdamW with state we own (candle's keeps its moments private, so it cannot resume exactly), global
+//! gradient-norm clipping, and the cosine schedule with linear warmup.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CandleContext, ModelError};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        // transformers' TrainingArguments defaults.
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    m: BTreeMap<String, Tensor>,
+    v: BTreeMap<String, Tensor>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> AdamW {
+        AdamW {
+            config,
+            step: 0,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+        }
+    }
+
+    /// One update, torch.optim.AdamW's arithmetic: decoupled decay, bias-corrected moments.
+    pub fn update(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<(), ModelError> {
+        self.step += 1;
+        let c = &self.config;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        for (name, var) in vars {
+            let Some(g) = grads.get(name) else { continue };
+            let mut go = || -> candle_core::Result<()> {
+                let m = match self.m.get(name) {
+                    Some(m) => ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
+                    None => (g * (1.0 - c.beta1))?,
+                };
+                let v = match self.v.get(name) {
+                    Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
+                    None => (g.sqr()? * (1.0 - c.beta2))?,
+                };
+                let mut p = var.as_tensor().clone();
+                if c.weight_decay != 0.0 {
+                    p = (&p * (1.0 - lr * c.weight_decay))?;
+                }
+                let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
+                let upd = ((&m / bc1)? / denom)?;
+                var.set(&(p - (upd * lr)?)?)?;
+                self.m.insert(name.clone(), m);
+                self.v.insert(name.clone(), v);
+                Ok(())
+            };
+            go().ctx(|| format!("AdamW update of `{name}`"))?;
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (k, x) in &self.m {
+            t.insert(format!("m.{k}"), x.clone());
+        }
+        for (k, x) in &self.v {
+            t.insert(format!("v.{k}"), x.clone());
+        }
+        let step = Tensor::new(&[self.step as i64], &Device::Cpu).ctx(|| "step".into())?;
+        t.insert("__step__".into(), step);
+        candle_core::safetensors::save(&t, path).ctx(|| format!("writing {}", path.display()))
+    }
+
+    pub fn load(config: AdamWConfig, path: &Path, device: &Device) -> Result<AdamW, ModelError> {
+        let t = candle_core::safetensors::load(path, device)
+            .ctx(|| format!("reading optimizer state {}", path.display()))?;
+        let mut o = AdamW::new(config);
+        for (k, x) in t {
+            if k == "__step__" {
+                o.step = x
+                    .to_dtype(DType::I64)
+                    .and_then(|x| x.to_vec1::<i64>())
+                    .ctx(|| "step".into())?[0] as u64;
+            } else if let Some(n) = k.strip_prefix("m.") {
+                o.m.insert(n.to_string(), x);
+            } else if let Some(n) = k.strip_prefix("v.") {
+                o.v.insert(n.to_string(), x);
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Collect each variable's gradient (absent = zero contribution).
+pub fn grads_of(vars: &BTreeMap<String, Var>, store: &GradStore) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+        .collect()
+}
+
+/// Add `b` into `a` (gradient accumulation over micro-batches).
+pub fn accumulate(
+    a: &mut BTreeMap<String, Tensor>,
+    b: BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    for (k, g) in b {
+        let sum = match a.remove(&k) {
+            Some(x) => (x + g).ctx(|| format!("accumulating `{k}`"))?,
+            None => g,
+        };
+        a.insert(k, sum);
+    }
+    Ok(())
+}
+
+/// Scale gradients so their global L2 norm is at most `max_norm` (torch's clip_grad_norm_);
+/// returns the norm before clipping.
+pub fn clip_grad_norm(
+    grads: &mut BTreeMap<String, Tensor>,
+    max_norm: f64,
+) -> Result<f64, ModelError> {
+    let mut total = 0.0f64;
+    for (k, g) in grads.iter() {
+        total += g
+            .to_dtype(DType::F64)
+            .and_then(|g| g.sqr()?.sum_all()?.to_scalar::<f64>())
+            .ctx(|| format!("norm of `{k}`"))?;
+    }
+    let norm = total.sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for (k, g) in grads.iter_mut() {
+                *g = (&*g * coef).ctx(|| format!("clipping `{k}`"))?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup over
+/// `ceil(warmup_ratio * total)` steps, then cosine decay to 0 (transformers'
+/// `get_cosine_schedule_with_warmup`).
+pub fn cosine_lr(base: f64, step: usize, total: usize, warmup_ratio: f64) -> f64 {
+    let warmup = (warmup_ratio * total as f64).ceil() as usize;
+    if step < warmup {
+        return base * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    base * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_transformers_formula() {
+        // total 10, warmup ratio 0.1 -> 1 warmup step.
+        assert_eq!(cosine_lr(1.0, 0, 10, 0.1), 0.0);
+        assert!((cosine_lr(1.0, 1, 10, 0.1) - 1.0).abs() < 1e-12);
+        let mid = cosine_lr(1.0, 1 + 9 / 2, 10, 0.1);
+        assert!((mid - 0.5 * (1.0 + (std::f64::consts::PI * 4.0 / 9.0).cos())).abs() < 1e-12);
+        assert!(cosine_lr(1.0, 9, 10, 0.1) > 0.0);
+    }
+
+    #[test]
+    fn adamw_matches_hand_computation_and_round_trips() {
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &dev).unwrap()).unwrap();
+        let vars = BTreeMap::from([("w".to_string(), var.clone())]);
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(cfg.clone());
+        let g = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f64, -1.0], &dev).unwrap())]);
+        opt.update(&vars, &g, 0.01).unwrap();
+        // Step 1: m_hat = g, v_hat = g^2 -> update = g/|g| = sign(g); decay 1 - 0.001.
+        let w: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+        assert!((w[0] - (1.0 * 0.999 - 0.01 * 0.5 / (0.5 + 1e-8))).abs() < 1e-12);
+        assert!((w[1] - (-2.0 * 0.999 + 0.01 * 1.0 / (1.0 + 1e-8))).abs() < 1e-12);
+        let dir = tempfile::tempdir().unwrap();
+        opt.save(&dir.path().join("o.safetensors")).unwrap();
+        let mut o2 = AdamW::load(cfg, &dir.path().join("o.safetensors"), &dev).unwrap();
+        assert_eq!(o2.step, 1);
+        let v2 = Var::from_tensor(var.as_tensor()).unwrap();
+        let vars2 = BTreeMap::from([("w".to_string(), v2.clone())]);
+        opt.update(&vars, &g, 0.01).unwrap();
+        o2.update(&vars2, &g, 0.01).unwrap();
+        let a: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+        let b: Vec<f64> = v2.as_tensor().to_vec1().unwrap();
+        assert_eq!(a, b, "a restored optimizer continues bit-identically");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let dev = Device::Cpu;
+        let mut g = BTreeMap::from([
+            ("a".to_string(), Tensor::new(&[3.0f32], &dev).unwrap()),
+            ("b".to_string(), Tensor::new(&[4.0f32], &dev).unwrap()),
+        ]);
+        assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 5.0).abs() < 1e-6);
+        let a = g["a"].to_vec1::<f32>().unwrap()[0];
+        assert!((a - 0.6).abs() < 1e-5);
+    }
+}
