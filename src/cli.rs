@@ -57,6 +57,102 @@ pub enum Command {
     /// Hugging Face checkpoints: inspect, render chat, score, generate, save.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Train a model: SFT, then the DPO family. Resumes from the newest checkpoint in --out.
+    #[command(subcommand)]
+    Train(TrainCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training rows (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out rows (JSONL): evaluated at each checkpoint; the best checkpoint is kept.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Output directory: checkpoint-N/, metrics.jsonl, model/.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Checkpoint every N optimizer steps (0: only the final model).
+    #[arg(long, default_value_t = 100)]
+    pub save_steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    /// Extra chat-template variables, `name=value`.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DpoLossArg {
+    Sigmoid,
+    LnDpo,
+    Wrpo,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum AlphaSchedule {
+    Linear,
+    Constant,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrainCommand {
+    /// Supervised fine-tuning on chat rows (`messages` or ShareGPT `conversations`); loss on
+    /// assistant tokens.
+    Sft {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        args: TrainArgs,
+    },
+    /// Preference optimisation on `prompt`/`chosen`/`rejected` rows (WRPO also `chosen_target`).
+    Dpo {
+        #[arg(long)]
+        policy: PathBuf,
+        /// Reference model (default: the initial policy).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "sigmoid")]
+        loss: DpoLossArg,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 0.0)]
+        label_smoothing: f64,
+        /// WRPO: weight of the source-preferred answer.
+        #[arg(long, default_value_t = 0.1)]
+        alpha: f64,
+        #[arg(long, value_enum, default_value = "linear")]
+        alpha_schedule: AlphaSchedule,
+        #[command(flatten)]
+        args: TrainArgs,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -23,6 +23,7 @@ fn main() {
         Command::ExecStep(a) => commands::exec_step(store, a),
         Command::Store(c) => commands::store(store, c),
         Command::Model(c) => commands::model(c),
+        Command::Train(c) => commands::train(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

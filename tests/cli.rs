@@ -954,3 +954,179 @@ mod model_cli {
         assert_eq!(info["dtype"], "bfloat16");
     }
 }
+
+mod train_cli {
+    //! `fuselab train ...`: a run killed with SIGKILL and resumed ends with the same bytes.
+    use super::*;
+
+    fn rows(n: u32) -> String {
+        (0..n)
+            .map(|i| {
+                let k = i % 5 + 1;
+                let ans: Vec<String> = (k..k + 4).map(|x| x.to_string()).collect();
+                serde_json::json!({"messages": [{"role": "user", "content": format!("Count from {k}.")},
+                                                {"role": "assistant", "content": ans.join(" ")}]})
+                .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn model() -> String {
+        format!("{}/tests/fixtures/hf/llama", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn sft_killed_and_resumed_matches_an_uninterrupted_run() {
+        let t = TestContext::new();
+        let data = t.dir.path().join("sft.jsonl");
+        fs::write(&data, rows(16)).unwrap();
+        let args = |out: &str| -> Vec<String> {
+            [
+                "train",
+                "sft",
+                "--model",
+                &model(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out,
+                "--epochs",
+                "30",
+                "--batch-size",
+                "4",
+                "--save-steps",
+                "5",
+                "--lr",
+                "1e-3",
+                "--max-len",
+                "64",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let a = t.dir.path().join("a");
+        let started = std::time::Instant::now();
+        let argv = args(a.to_str().unwrap());
+        t.ok(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+        let full = started.elapsed();
+        let b = t.dir.path().join("b");
+        let argv = args(b.to_str().unwrap());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut rng = Lcg(11);
+        let mut kills = 0;
+        for _ in 0..3 {
+            let mut child = t
+                .cmd(&argv)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let at = full.as_millis() as u64 * (20 + rng.below(60)) / 100;
+            std::thread::sleep(Duration::from_millis(at));
+            if child.try_wait().unwrap().is_none() {
+                kills += 1;
+            }
+            child.kill().unwrap();
+            child.wait().unwrap();
+            if b.join("model").exists() {
+                break;
+            }
+        }
+        assert!(kills >= 1, "no kill landed mid-training");
+        let out = t.ok(&[argv.as_slice(), &["--json"]].concat());
+        let summary: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(summary["steps"], 120);
+        let wa = fs::read(a.join("model/model.safetensors")).unwrap();
+        let wb = fs::read(b.join("model/model.safetensors")).unwrap();
+        assert!(wa == wb, "weights after kill -9 and resume differ");
+        assert_eq!(
+            fs::read_to_string(b.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            120
+        );
+    }
+
+    #[test]
+    fn dpo_cli_streams_metrics_and_rejects_bad_rows() {
+        let t = TestContext::new();
+        let pairs = t.dir.path().join("pairs.jsonl");
+        let row = |i: u32| {
+            let k = i % 5 + 1;
+            serde_json::json!({"prompt": [{"role": "user", "content": format!("Count from {k}.")}],
+                               "chosen": [{"role": "assistant", "content": format!("{k} {}", k + 1)}],
+                               "chosen_target": [{"role": "assistant", "content": format!("{k}")}],
+                               "rejected": [{"role": "assistant", "content": format!("{} {k}", k + 1)}]})
+            .to_string()
+        };
+        fs::write(&pairs, (0..8).map(row).collect::<Vec<_>>().join("\n")).unwrap();
+        for loss in ["sigmoid", "ln-dpo", "wrpo"] {
+            let out = t.dir.path().join(loss);
+            t.ok(&[
+                "train",
+                "dpo",
+                "--policy",
+                &model(),
+                "--data",
+                pairs.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--loss",
+                loss,
+                "--beta",
+                "0.1",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+                "--save-steps",
+                "0",
+            ]);
+            let last: Value = serde_json::from_str(
+                fs::read_to_string(out.join("metrics.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .last()
+                    .unwrap(),
+            )
+            .unwrap();
+            for k in [
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "rewards/accuracies",
+                "logps/chosen",
+                "logps/rejected",
+                "learning_rate",
+                "grad_norm",
+            ] {
+                assert!(last.get(k).is_some(), "{loss}: {k} missing from {last}");
+            }
+            assert!(out.join("reference_logps.json").is_file());
+            assert!(out.join("model/config.json").is_file());
+        }
+        fs::write(
+            &pairs,
+            format!(
+                "{}\n{{\"prompt\": [{{\"role\": \"user\", \"content\": \"x\"}}]}}\n",
+                row(0)
+            ),
+        )
+        .unwrap();
+        let err = t.fails(&[
+            "train",
+            "dpo",
+            "--policy",
+            &model(),
+            "--data",
+            pairs.to_str().unwrap(),
+            "--out",
+            t.dir.path().join("bad").to_str().unwrap(),
+        ]);
+        assert!(err.contains("pairs.jsonl:2: no `chosen`"), "{err}");
+    }
+}

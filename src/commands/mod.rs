@@ -4,11 +4,13 @@ mod inspect;
 mod model;
 mod run;
 mod store;
+mod train;
 
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};
 pub use store::{fsck, gc, store};
+pub use train::train;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,193 @@
+//! `train sft` and `train dpo`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::DType;
+use fuselab::model::{load_weights, parse_device, Checkpoint, Decoder};
+use fuselab::train::{
+    self, optim::AdamWConfig, DpoLoss, DpoObjective, Hooks, Objective, RunPaths, SftObjective,
+    TrainConfig,
+};
+use serde_json::Value;
+
+use super::{print_json, Status};
+use crate::cli::{AlphaSchedule, DpoLossArg, TrainArgs, TrainCommand};
+
+fn vars(list: &[String]) -> anyhow::Result<Value> {
+    let mut m = serde_json::Map::new();
+    for v in list {
+        let (k, val) = v
+            .split_once('=')
+            .with_context(|| format!("--var {v}: expected NAME=VALUE"))?;
+        m.insert(k.to_string(), Value::String(val.to_string()));
+    }
+    Ok(Value::Object(m))
+}
+
+fn config(a: &TrainArgs, default_lr: f64) -> TrainConfig {
+    TrainConfig {
+        lr: a.lr.unwrap_or(default_lr),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_len: a.max_len,
+        warmup_ratio: a.warmup_ratio,
+        max_grad_norm: a.max_grad_norm,
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        seed: a.seed,
+        save_steps: a.save_steps,
+        keep_last: a.keep_last,
+    }
+}
+
+fn report(a: &TrainArgs, s: &train::TrainSummary) {
+    if a.json {
+        print_json(s);
+    } else {
+        if let Some(r) = s.resumed_from {
+            eprintln!("resumed from checkpoint-{r}");
+        }
+        eprintln!(
+            "{} steps, final loss {:.4}, {} rows skipped; model in {}",
+            s.steps,
+            s.final_loss,
+            s.skipped_rows,
+            s.model.display()
+        );
+    }
+}
+
+/// Reference log-probs are computed once per (reference, data) and kept in the output directory, so
+/// a resumed run does not recompute them.
+fn reference_logps(
+    obj: &mut DpoObjective,
+    reference: &Path,
+    out: &Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<()> {
+    let mut h = blake3::Hasher::new();
+    for p in obj.pairs() {
+        h.update(format!("{:?}", p).as_bytes());
+    }
+    h.update(
+        std::fs::canonicalize(reference)?
+            .to_string_lossy()
+            .as_bytes(),
+    );
+    let tag = h.finalize().to_hex().to_string();
+    let cache = out.join("reference_logps.json");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        let v: Value = serde_json::from_str(&text)?;
+        if v["tag"] == tag.as_str() {
+            obj.set_reference(serde_json::from_value(v["logps"].clone())?)?;
+            return Ok(());
+        }
+    }
+    let ck = Checkpoint::open(reference)?;
+    let w = load_weights(&ck.dir, &ck.config, device, DType::F32)?;
+    obj.compute_reference(&Decoder::new(ck.config.clone(), w)?)?;
+    std::fs::create_dir_all(out)?;
+    let body = serde_json::json!({"tag": tag, "reference": reference, "logps": obj.reference()});
+    let tmp = out.join(".reference_logps.json.partial");
+    std::fs::write(&tmp, serde_json::to_vec(&body)?)?;
+    std::fs::rename(&tmp, &cache)?;
+    Ok(())
+}
+
+pub fn train(cmd: &TrainCommand) -> Status {
+    let quiet = Hooks::default();
+    match cmd {
+        TrainCommand::Sft { model, args } => {
+            let ck = Checkpoint::open(model)?;
+            let device = parse_device(&args.device)?;
+            let extra = vars(&args.vars)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            let obj = SftObjective::load(&args.data, t, k, args.max_len, &extra)?;
+            let eval = match &args.eval_data {
+                Some(p) => Some(SftObjective::load(p, t, k, args.max_len, &extra)?),
+                None => None,
+            };
+            if obj.skipped() > 0 {
+                eprintln!(
+                    "{}: skipped {} rows with no assistant token within --max-len",
+                    args.data.display(),
+                    obj.skipped()
+                );
+            }
+            let s = train::train(
+                model,
+                &obj,
+                eval.as_ref().map(|e| e as &dyn Objective),
+                &config(args, 5e-6),
+                &RunPaths {
+                    out: args.out.clone(),
+                },
+                &device,
+                &quiet,
+            )?;
+            report(args, &s);
+        }
+        TrainCommand::Dpo {
+            policy,
+            reference,
+            loss,
+            beta,
+            label_smoothing,
+            alpha,
+            alpha_schedule,
+            args,
+        } => {
+            let ck = Checkpoint::open(policy)?;
+            let device = parse_device(&args.device)?;
+            let extra = vars(&args.vars)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            let l = match loss {
+                DpoLossArg::Sigmoid => DpoLoss::Sigmoid {
+                    label_smoothing: *label_smoothing,
+                },
+                DpoLossArg::LnDpo => DpoLoss::LnDpo,
+                DpoLossArg::Wrpo => DpoLoss::Wrpo {
+                    alpha: *alpha,
+                    dynamic: *alpha_schedule == AlphaSchedule::Linear,
+                    label_smoothing: *label_smoothing,
+                },
+            };
+            let reference = reference.clone().unwrap_or_else(|| policy.clone());
+            let mut obj =
+                DpoObjective::load(&args.data, t, k, args.max_len, &extra, *beta, l.clone())?;
+            if obj.skipped() > 0 {
+                eprintln!(
+                    "{}: skipped {} rows whose prompt fills --max-len",
+                    args.data.display(),
+                    obj.skipped()
+                );
+            }
+            reference_logps(&mut obj, &reference, &args.out, &device)?;
+            let eval = match &args.eval_data {
+                Some(p) => {
+                    let mut e = DpoObjective::load(p, t, k, args.max_len, &extra, *beta, l)?;
+                    reference_logps(&mut e, &reference, &args.out.join("eval"), &device)?;
+                    Some(e)
+                }
+                None => None,
+            };
+            let s = train::train(
+                policy,
+                &obj,
+                eval.as_ref().map(|e| e as &dyn Objective),
+                &config(args, 1e-6),
+                &RunPaths {
+                    out: args.out.clone(),
+                },
+                &device,
+                &quiet,
+            )?;
+            report(args, &s);
+        }
+    }
+    Ok(0)
+}
