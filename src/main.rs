@@ -8,6 +8,7 @@ use clap::Parser;
 use cli::{Cli, Command};
 
 fn main() {
+    fuselab::util::tune_allocator();
     let cli = Cli::parse();
     let store = cli.store.as_path();
     let result = match &cli.command {

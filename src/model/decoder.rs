@@ -22,7 +22,19 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+        // One 2-D GEMM over all tokens: a broadcast batched matmul would also make the weight's
+        // gradient a per-batch tensor summed afterwards.
+        let dims = x.dims().to_vec();
+        let (rows, inner) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(self.w.dim(0)?);
+        let y = x
+            .reshape((rows, inner))?
+            .matmul(&self.w.t()?)?
+            .reshape(out_dims)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -491,7 +503,7 @@ impl Decoder {
                 .expect("a mask per window")
                 .1;
             let scores = scores.broadcast_add(&mask.to_dtype(acc_dt)?)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+            let probs = super::fused::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             let a = probs
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
@@ -523,7 +535,11 @@ impl Decoder {
             }
         }
         let h = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
-        let mut logits = h.broadcast_matmul(&self.lm_head.t()?)?;
+        let mut logits = Linear {
+            w: self.lm_head.clone(),
+            b: None,
+        }
+        .forward(&h)?;
         if let Some(cap) = cfg.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
@@ -546,10 +562,9 @@ impl Decoder {
         let (b, t) = (ids.len(), ids[0].len());
         let go = || -> candle_core::Result<Tensor> {
             let logits = logits.narrow(1, 0, t - 1)?.to_dtype(acc(self.dtype))?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let targets: Vec<u32> = ids.iter().flat_map(|r| r[1..].iter().copied()).collect();
-            let targets = Tensor::from_vec(targets, (b, t - 1, 1), &self.device)?;
-            logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)
+            let targets = Tensor::from_vec(targets, (b, t - 1), &self.device)?;
+            super::fused::log_softmax_gather(&logits, &targets)
         };
         if t < 2 {
             return Err(ModelError::Invalid(

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod fused;
 mod io;
 
 pub use chat::ChatTemplate;
