@@ -29,3 +29,7 @@ plan experiment *args:
 # Verify every object in the store.
 fsck:
     cargo run --release -- fsck
+
+# Model and trainer throughput vs PyTorch + transformers (installs torch into .venv); updates BENCHMARKS.md.
+bench-model:
+    bash benches/model.sh
