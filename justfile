@@ -33,3 +33,7 @@ fsck:
 # Model and trainer throughput vs PyTorch + transformers (installs torch into .venv); updates BENCHMARKS.md.
 bench-model:
     bash benches/model.sh
+
+# Check that the `cuda` feature still compiles, without a GPU (installs NVIDIA's toolkit wheels into .bench/).
+check-cuda:
+    bash scripts/check-cuda.sh

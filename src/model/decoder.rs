@@ -370,6 +370,17 @@ impl Decoder {
         attn: &[Vec<u8>],
         cache: Option<&mut KvCache>,
     ) -> Res<Tensor> {
+        let h = self.hidden(ids, attn, cache)?;
+        self.head(&h).ctx(|| "language-model head".into())
+    }
+
+    /// Final hidden states `[b, t, hidden]` (after the last norm); see [`Decoder::forward`].
+    pub fn hidden(
+        &self,
+        ids: &[Vec<u32>],
+        attn: &[Vec<u8>],
+        cache: Option<&mut KvCache>,
+    ) -> Res<Tensor> {
         let b = ids.len();
         let t = ids.first().map_or(0, Vec::len);
         if b == 0 || t == 0 || attn.len() != b || ids.iter().any(|r| r.len() != t) {
@@ -534,13 +545,17 @@ impl Decoder {
                 h = (r2 + self.mlp(layer, &x)?)?;
             }
         }
-        let h = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
+        rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)
+    }
+
+    /// Logits from final hidden states (any leading shape).
+    fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let mut logits = Linear {
             w: self.lm_head.clone(),
             b: None,
         }
-        .forward(&h)?;
-        if let Some(cap) = cfg.final_logit_softcapping {
+        .forward(h)?;
+        if let Some(cap) = self.config.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         Ok(logits)
@@ -558,13 +573,31 @@ impl Decoder {
     /// Log-probabilities `[b, t-1]` (f32; f64 for f64 models) of each token given the ones before it; differentiable.
     /// Entries at padded targets are meaningless: mask them with `attn[.., 1..]`.
     pub fn token_logprobs(&self, ids: &[Vec<u32>], attn: &[Vec<u8>]) -> Res<Tensor> {
-        let logits = self.forward(ids, attn, None)?;
+        let h = self.hidden(ids, attn, None)?;
         let (b, t) = (ids.len(), ids[0].len());
         let go = || -> candle_core::Result<Tensor> {
-            let logits = logits.narrow(1, 0, t - 1)?.to_dtype(acc(self.dtype))?;
+            // Rows of logits in chunks of at most 4M values: the full [b*t, vocab] matrix (and its
+            // gradient) would be hundreds of MiB of short-lived memory for a large vocabulary.
+            let rows = b * (t - 1);
+            let h = h
+                .narrow(1, 0, t - 1)?
+                .contiguous()?
+                .reshape((rows, self.config.hidden_size))?;
             let targets: Vec<u32> = ids.iter().flat_map(|r| r[1..].iter().copied()).collect();
-            let targets = Tensor::from_vec(targets, (b, t - 1), &self.device)?;
-            super::fused::log_softmax_gather(&logits, &targets)
+            let targets = Tensor::from_vec(targets, rows, &self.device)?;
+            let chunk = ((4usize << 20) / self.config.vocab_size).max(1);
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < rows {
+                let n = chunk.min(rows - start);
+                let logits = self.head(&h.narrow(0, start, n)?)?.to_dtype(acc(self.dtype))?;
+                parts.push(super::fused::log_softmax_gather(
+                    &logits,
+                    &targets.narrow(0, start, n)?,
+                )?);
+                start += n;
+            }
+            Tensor::cat(&parts, 0)?.reshape((b, t - 1))
         };
         if t < 2 {
             return Err(ModelError::Invalid(
