@@ -61,7 +61,10 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+        // One arena: per-thread arenas live in 64 MiB heaps that glibc shrinks eagerly, which
+        // brings the zero-fill faults back.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -590,7 +590,9 @@ impl Decoder {
             let mut start = 0;
             while start < rows {
                 let n = chunk.min(rows - start);
-                let logits = self.head(&h.narrow(0, start, n)?)?.to_dtype(acc(self.dtype))?;
+                let logits = self
+                    .head(&h.narrow(0, start, n)?)?
+                    .to_dtype(acc(self.dtype))?;
                 parts.push(super::fused::log_softmax_gather(
                     &logits,
                     &targets.narrow(0, start, n)?,
