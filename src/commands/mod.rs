@@ -41,6 +41,18 @@ pub fn print_json(v: &impl serde::Serialize) {
     );
 }
 
+/// `--var name=value` pairs as a JSON object of chat-template variables.
+pub fn template_vars(list: &[String]) -> anyhow::Result<serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    for v in list {
+        let (k, val) = v
+            .split_once('=')
+            .with_context(|| format!("--var {v}: expected NAME=VALUE"))?;
+        m.insert(k.to_string(), serde_json::Value::String(val.to_string()));
+    }
+    Ok(serde_json::Value::Object(m))
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut x = n as f64;

@@ -10,19 +10,8 @@ use fuselab::model::{
 };
 use serde_json::{json, Value};
 
-use super::{print_json, Status};
+use super::{print_json, template_vars, Status};
 use crate::cli::{DeviceArgs, ModelCommand, PromptArgs};
-
-fn vars(list: &[String]) -> anyhow::Result<Value> {
-    let mut m = serde_json::Map::new();
-    for v in list {
-        let (k, val) = v
-            .split_once('=')
-            .with_context(|| format!("--var {v}: expected NAME=VALUE"))?;
-        m.insert(k.to_string(), Value::String(val.to_string()));
-    }
-    Ok(Value::Object(m))
-}
 
 fn read_messages(path: &Path) -> anyhow::Result<Value> {
     let text =
@@ -53,7 +42,7 @@ fn prompt_ids(ck: &Checkpoint, p: &PromptArgs) -> anyhow::Result<Vec<u32>> {
     let (text, special) = if let Some(m) = &p.messages {
         (
             ck.template()?
-                .render(&read_messages(m)?, true, &vars(&p.vars)?)?,
+                .render(&read_messages(m)?, true, &template_vars(&p.vars)?)?,
             false,
         )
     } else if let Some(t) = &p.prompt {
@@ -110,7 +99,7 @@ pub fn model(cmd: &ModelCommand) -> Status {
             let text = ck.template()?.render(
                 &read_messages(messages)?,
                 *add_generation_prompt,
-                &vars(v)?,
+                &template_vars(v)?,
             )?;
             print!("{text}");
         }

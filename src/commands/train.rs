@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use candle_core::DType;
 use fuselab::model::{load_weights, parse_device, Checkpoint, Decoder};
 use fuselab::train::{
@@ -11,19 +10,8 @@ use fuselab::train::{
 };
 use serde_json::Value;
 
-use super::{print_json, Status};
+use super::{print_json, template_vars, Status};
 use crate::cli::{AlphaSchedule, DpoLossArg, TrainArgs, TrainCommand};
-
-fn vars(list: &[String]) -> anyhow::Result<Value> {
-    let mut m = serde_json::Map::new();
-    for v in list {
-        let (k, val) = v
-            .split_once('=')
-            .with_context(|| format!("--var {v}: expected NAME=VALUE"))?;
-        m.insert(k.to_string(), Value::String(val.to_string()));
-    }
-    Ok(Value::Object(m))
-}
 
 fn config(a: &TrainArgs, default_lr: f64) -> TrainConfig {
     TrainConfig {
@@ -98,13 +86,37 @@ fn reference_logps(
     Ok(())
 }
 
+/// Train, print the summary. `default_lr` applies when `--lr` is not given.
+fn run(
+    start: &Path,
+    obj: &dyn Objective,
+    eval: Option<&dyn Objective>,
+    args: &TrainArgs,
+    default_lr: f64,
+    device: &candle_core::Device,
+) -> anyhow::Result<()> {
+    let paths = RunPaths {
+        out: args.out.clone(),
+    };
+    let s = train::train(
+        start,
+        obj,
+        eval,
+        &config(args, default_lr),
+        &paths,
+        device,
+        &Hooks::default(),
+    )?;
+    report(args, &s);
+    Ok(())
+}
+
 pub fn train(cmd: &TrainCommand) -> Status {
-    let quiet = Hooks::default();
     match cmd {
         TrainCommand::Sft { model, args } => {
             let ck = Checkpoint::open(model)?;
             let device = parse_device(&args.device)?;
-            let extra = vars(&args.vars)?;
+            let extra = template_vars(&args.vars)?;
             let (t, k) = (ck.template()?, ck.tokenizer()?);
             let obj = SftObjective::load(&args.data, t, k, args.max_len, &extra)?;
             let eval = match &args.eval_data {
@@ -118,18 +130,14 @@ pub fn train(cmd: &TrainCommand) -> Status {
                     obj.skipped()
                 );
             }
-            let s = train::train(
+            run(
                 model,
                 &obj,
                 eval.as_ref().map(|e| e as &dyn Objective),
-                &config(args, 5e-6),
-                &RunPaths {
-                    out: args.out.clone(),
-                },
+                args,
+                5e-6,
                 &device,
-                &quiet,
             )?;
-            report(args, &s);
         }
         TrainCommand::Dpo {
             policy,
@@ -143,7 +151,7 @@ pub fn train(cmd: &TrainCommand) -> Status {
         } => {
             let ck = Checkpoint::open(policy)?;
             let device = parse_device(&args.device)?;
-            let extra = vars(&args.vars)?;
+            let extra = template_vars(&args.vars)?;
             let (t, k) = (ck.template()?, ck.tokenizer()?);
             let l = match loss {
                 DpoLossArg::Sigmoid => DpoLoss::Sigmoid {
@@ -175,18 +183,14 @@ pub fn train(cmd: &TrainCommand) -> Status {
                 }
                 None => None,
             };
-            let s = train::train(
+            run(
                 policy,
                 &obj,
                 eval.as_ref().map(|e| e as &dyn Objective),
-                &config(args, 1e-6),
-                &RunPaths {
-                    out: args.out.clone(),
-                },
+                args,
+                1e-6,
                 &device,
-                &quiet,
             )?;
-            report(args, &s);
         }
     }
     Ok(0)

@@ -821,6 +821,24 @@ pub struct PlanEntry {
     pub outputs: Option<ArtifactRef>,
 }
 
+/// The inputs of node `i` if every producer's output is known.
+fn known_inputs(
+    exp: &Experiment,
+    i: usize,
+    known: &[Option<ArtifactRef>],
+) -> Option<Vec<SpecInput>> {
+    exp.nodes[i]
+        .inputs
+        .iter()
+        .map(|&j| {
+            known[j].clone().map(|artifact| SpecInput {
+                name: exp.nodes[j].def.name.clone(),
+                artifact,
+            })
+        })
+        .collect()
+}
+
 /// What `run` would do, without executing or storing anything (sources are hashed, not stored).
 /// With `write_specs`, the spec of every step whose key is known is written for `exec-step`.
 pub fn plan(
@@ -856,16 +874,7 @@ pub fn plan(
                 }
             }
             NodeKind::Step { .. } => {
-                let resolved: Option<Vec<SpecInput>> = node
-                    .inputs
-                    .iter()
-                    .map(|&j| {
-                        known[j].clone().map(|artifact| SpecInput {
-                            name: exp.nodes[j].def.name.clone(),
-                            artifact,
-                        })
-                    })
-                    .collect();
+                let resolved = known_inputs(exp, i, &known);
                 match resolved {
                     None => (String::new(), node.def.version, PlanStatus::Pending, None),
                     Some(inputs) => {
@@ -986,16 +995,7 @@ pub fn verify(
                 });
             }
             NodeKind::Step { body } => {
-                let inputs: Option<Vec<SpecInput>> = node
-                    .inputs
-                    .iter()
-                    .map(|&j| {
-                        known[j].clone().map(|artifact| SpecInput {
-                            name: exp.nodes[j].def.name.clone(),
-                            artifact,
-                        })
-                    })
-                    .collect();
+                let inputs = known_inputs(exp, i, &known);
                 let Some(inputs) = inputs else {
                     out.push(entry(
                         VerifyStatus::NotRun,
