@@ -1130,3 +1130,53 @@ mod train_cli {
         assert!(err.contains("pairs.jsonl:2: no `chosen`"), "{err}");
     }
 }
+
+#[test]
+fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
+    let t = TestContext::new();
+    let base = format!(
+        "base_model={}/tests/fixtures/hf/llama",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let r = t.json(&["run", "sft-dpo-demo", "--set", &base]);
+    assert_eq!(
+        sorted(steps_with(&r, "ran")),
+        ["base", "data", "dpo", "eval", "sft"]
+    );
+    let eval_tree = outputs(&r)["eval"].clone();
+    let tree: Value = t.json(&["show", &eval_tree]);
+    let blob = tree["entries"][0]["digest"].as_str().unwrap().to_string();
+    let report: Value = serde_json::from_str(&t.ok(&["store", "cat", &blob])).unwrap();
+    let f = |m: &str, k: &str| report[m][k].as_f64().unwrap();
+    assert!(
+        f("sft", "eval_nll") < 0.6 * f("base", "eval_nll"),
+        "{report:#}"
+    );
+    assert!(
+        f("dpo", "reward_accuracy") >= 0.8 && f("dpo", "reward_margin") > 0.0,
+        "{report:#}"
+    );
+    assert!(steps_with(&t.json(&["run", "sft-dpo-demo", "--set", &base]), "ran").is_empty());
+    // A DPO hyperparameter re-executes dpo and eval only.
+    let r2 = t.json(&[
+        "run",
+        "sft-dpo-demo",
+        "--set",
+        &base,
+        "--set",
+        "dpo.beta=0.2",
+    ]);
+    assert_eq!(sorted(steps_with(&r2, "ran")), ["dpo", "eval"]);
+    // The trained checkpoint's lineage reaches the base model and the data step.
+    let up = t.json_lineage(&[&outputs(&r)["dpo"], "--format", "json"]);
+    let steps: BTreeSet<&str> = up["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["base", "data", "dpo", "sft"].into_iter().collect());
+    // Training on CPU is bit-reproducible: re-executing every step gives identical outputs.
+    let v = t.json(&["verify", "sft-dpo-demo", "--set", &base]);
+    assert!(v.as_array().unwrap().iter().all(|e| e["status"] == "identical"), "{v:#}");
+}

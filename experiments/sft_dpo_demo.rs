@@ -1,0 +1,297 @@
+//! `sft-dpo-demo`: the two FuseChat training stages as cached recipe steps on a tiny model — SFT on
+//! chosen answers, then DPO on (chosen, rejected) pairs with the SFT model as reference — and an
+//! evaluation of all three checkpoints. It shows the trainers running inside experiments (checkpoints
+//! in the step's work dir, so a killed run resumes) until `fusechat-tiny` exists.
+//!
+//! ```text
+//! base (source) --\
+//! data ------------+-> sft -> dpo -> eval (base, sft, dpo)
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::generate::Rng;
+use crate::model::{load_weights, parse_device, Checkpoint, Decoder};
+use crate::recipe::{step, BoxError, Experiment, ExperimentDef, Result, StepCtx};
+use crate::train::{
+    evaluate, train, DpoLoss, DpoObjective, Hooks, RunPaths, SftObjective, TrainConfig,
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DemoParams {
+    /// A Hugging Face checkpoint directory (project-relative).
+    pub base_model: String,
+    pub device: String,
+    pub data: DataParams,
+    pub sft: TrainConfig,
+    pub dpo: DpoParams,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataParams {
+    pub n_train: u32,
+    pub n_eval: u32,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DpoParams {
+    pub beta: f64,
+    pub loss: DpoLoss,
+    pub train: TrainConfig,
+}
+
+impl Default for DemoParams {
+    fn default() -> Self {
+        let quick = TrainConfig {
+            lr: 2e-3,
+            epochs: 4,
+            batch_size: 4,
+            grad_accum: 2,
+            max_len: 64,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            adamw: Default::default(),
+            seed: 3,
+            save_steps: 4,
+            keep_last: 1,
+        };
+        DemoParams {
+            base_model: "tests/fixtures/hf/llama".into(),
+            device: "cpu".into(),
+            data: DataParams {
+                n_train: 16,
+                n_eval: 5,
+                seed: 7,
+            },
+            sft: quick.clone(),
+            dpo: DpoParams {
+                beta: 0.1,
+                loss: DpoLoss::Sigmoid {
+                    label_smoothing: 0.0,
+                },
+                train: TrainConfig { lr: 1e-3, ..quick },
+            },
+        }
+    }
+}
+
+pub fn define() -> ExperimentDef {
+    ExperimentDef::new(
+        "sft-dpo-demo",
+        "SFT then DPO on a tiny model as cached steps, with an evaluation of base, SFT and DPO",
+        build,
+    )
+}
+
+/// A counting task: the chosen answer counts up, the rejected one counts down.
+fn rows(p: &DataParams, eval: bool) -> (Vec<Value>, Vec<Value>) {
+    let mut rng = Rng::new(p.seed, eval as u64);
+    let n = if eval { p.n_eval } else { p.n_train };
+    let (mut sft, mut pairs) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let k = 1 + rng.next_u64() % 5;
+        let up: Vec<String> = (k..k + 4).map(|x| x.to_string()).collect();
+        let down: Vec<String> = up.iter().rev().cloned().collect();
+        let prompt = json!([{"role": "user", "content": format!("Count from {k}.")}]);
+        sft.push(json!({"messages": [prompt[0], {"role": "assistant", "content": up.join(" ")}]}));
+        pairs.push(json!({"prompt": prompt,
+                          "chosen": [{"role": "assistant", "content": up.join(" ")}],
+                          "rejected": [{"role": "assistant", "content": down.join(" ")}]}));
+    }
+    (sft, pairs)
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) -> Result<(), BoxError> {
+    let body: Vec<String> = rows.iter().map(Value::to_string).collect();
+    std::fs::write(path, body.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// Copy the trained model out of the work dir into the step's outputs.
+fn publish(ctx: &StepCtx, work: &Path) -> Result<(), BoxError> {
+    for e in std::fs::read_dir(work.join("model"))? {
+        let e = e?;
+        std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
+    }
+    // Without timings, so the outputs are a function of the inputs alone.
+    let metrics = std::fs::read_to_string(work.join("metrics.jsonl"))?;
+    let mut lines = Vec::new();
+    for l in metrics.lines() {
+        let mut v: Value = serde_json::from_str(l)?;
+        if let Some(m) = v.as_object_mut() {
+            m.remove("tokens_per_s");
+        }
+        lines.push(v.to_string());
+    }
+    std::fs::write(ctx.out("metrics.jsonl")?, lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+fn decoder(dir: &Path, device: &str) -> Result<Decoder, BoxError> {
+    let ck = Checkpoint::open(dir)?;
+    let w = load_weights(
+        dir,
+        &ck.config,
+        &parse_device(device)?,
+        candle_core::DType::F32,
+    )?;
+    Ok(Decoder::new(ck.config.clone(), w)?)
+}
+
+fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
+    let base = exp.source("base", &p.base_model)?;
+    let data = exp.step("data", &p.data, &[], |ctx| {
+        let d: DataParams = ctx.params()?;
+        for (eval, prefix) in [(false, "train"), (true, "eval")] {
+            let (sft, pairs) = rows(&d, eval);
+            write_jsonl(&ctx.out(&format!("{prefix}_sft.jsonl"))?, &sft)?;
+            write_jsonl(&ctx.out(&format!("{prefix}_pairs.jsonl"))?, &pairs)?;
+        }
+        Ok(())
+    })?;
+
+    let sft_params = json!({"train": p.sft, "device": p.device});
+    let sft = exp.step(
+        step("sft").nondeterministic(1e-4),
+        &sft_params,
+        &[base, data],
+        |ctx| {
+            let cfg: TrainConfig = serde_json::from_value(ctx.params::<Value>()?["train"].clone())?;
+            let device: String = serde_json::from_value(ctx.params::<Value>()?["device"].clone())?;
+            let (base, data) = (
+                ctx.input("base")?.to_path_buf(),
+                ctx.input("data")?.to_path_buf(),
+            );
+            let ck = Checkpoint::open(&base)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            let obj = SftObjective::load(
+                &data.join("train_sft.jsonl"),
+                t,
+                k,
+                cfg.max_len,
+                &Value::Null,
+            )?;
+            let eval = SftObjective::load(
+                &data.join("eval_sft.jsonl"),
+                t,
+                k,
+                cfg.max_len,
+                &Value::Null,
+            )?;
+            let work = ctx.work_dir()?.to_path_buf();
+            let hooks = Hooks {
+                quiet: true,
+                ..Default::default()
+            };
+            let s = train(
+                &base,
+                &obj,
+                Some(&eval),
+                &cfg,
+                &RunPaths { out: work.clone() },
+                &parse_device(&device)?,
+                &hooks,
+            )?;
+            ctx.metric("final_loss", s.final_loss);
+            ctx.metric("steps", s.steps as f64);
+            publish(ctx, &work)
+        },
+    )?;
+
+    let dpo_params = json!({"dpo": p.dpo, "device": p.device});
+    let dpo = exp.step(
+        step("dpo").nondeterministic(1e-4),
+        &dpo_params,
+        &[sft, data],
+        |ctx| {
+            let prm: DpoParams = serde_json::from_value(ctx.params::<Value>()?["dpo"].clone())?;
+            let device: String = serde_json::from_value(ctx.params::<Value>()?["device"].clone())?;
+            let (policy, data) = (
+                ctx.input("sft")?.to_path_buf(),
+                ctx.input("data")?.to_path_buf(),
+            );
+            let ck = Checkpoint::open(&policy)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            let reference = decoder(&policy, &device)?;
+            let load = |f: &str| -> Result<DpoObjective, BoxError> {
+                let mut o = DpoObjective::load(
+                    &data.join(f),
+                    t,
+                    k,
+                    prm.train.max_len,
+                    &Value::Null,
+                    prm.beta,
+                    prm.loss.clone(),
+                )?;
+                o.compute_reference(&reference)?;
+                Ok(o)
+            };
+            let (obj, eval) = (load("train_pairs.jsonl")?, load("eval_pairs.jsonl")?);
+            let work = ctx.work_dir()?.to_path_buf();
+            let hooks = Hooks {
+                quiet: true,
+                ..Default::default()
+            };
+            let s = train(
+                &policy,
+                &obj,
+                Some(&eval),
+                &prm.train,
+                &RunPaths { out: work.clone() },
+                &parse_device(&device)?,
+                &hooks,
+            )?;
+            ctx.metric("final_loss", s.final_loss);
+            publish(ctx, &work)
+        },
+    )?;
+
+    exp.step(
+        step("eval").nondeterministic(1e-4),
+        &json!({"device": p.device, "beta": p.dpo.beta}),
+        &[base, sft, dpo, data],
+        |ctx| {
+            let device: String = serde_json::from_value(ctx.params::<Value>()?["device"].clone())?;
+            let beta = ctx.params::<Value>()?["beta"].as_f64().unwrap_or(0.1);
+            let data = ctx.input("data")?.to_path_buf();
+            let sft_dir = ctx.input("sft")?.to_path_buf();
+            let ck = Checkpoint::open(&sft_dir)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            let nll = SftObjective::load(&data.join("eval_sft.jsonl"), t, k, 64, &Value::Null)?;
+            let mut pairs = DpoObjective::load(
+                &data.join("eval_pairs.jsonl"),
+                t,
+                k,
+                64,
+                &Value::Null,
+                beta,
+                DpoLoss::Sigmoid {
+                    label_smoothing: 0.0,
+                },
+            )?;
+            // Rewards are measured against the SFT model, the reference DPO trained from.
+            pairs.compute_reference(&decoder(&sft_dir, &device)?)?;
+            let mut report = serde_json::Map::new();
+            for name in ["base", "sft", "dpo"] {
+                let model = decoder(ctx.input(name)?, &device)?;
+                let (loss, _) = evaluate(&model, &nll)?;
+                let (_, m) = evaluate(&model, &pairs)?;
+                let acc = m.get("rewards/accuracies").copied().unwrap_or(0.0);
+                let margin = m.get("rewards/margins").copied().unwrap_or(0.0);
+                ctx.metric(&format!("{name}/eval_nll"), loss);
+                ctx.metric(&format!("{name}/reward_accuracy"), acc);
+                report.insert(
+                    name.into(),
+                    json!({"eval_nll": loss, "reward_accuracy": acc, "reward_margin": margin}),
+                );
+            }
+            std::fs::write(ctx.out("eval.json")?, serde_json::to_vec_pretty(&report)?)?;
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
