@@ -64,7 +64,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Training rows (JSONL).
+    /// Training rows: JSONL, or Parquet (by the `.parquet` extension).
     #[arg(long)]
     pub data: PathBuf,
     /// Held-out rows (JSONL): evaluated at each checkpoint; the best checkpoint is kept.

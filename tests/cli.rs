@@ -1178,5 +1178,11 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
     assert_eq!(steps, ["base", "data", "dpo", "sft"].into_iter().collect());
     // Training on CPU is bit-reproducible: re-executing every step gives identical outputs.
     let v = t.json(&["verify", "sft-dpo-demo", "--set", &base]);
-    assert!(v.as_array().unwrap().iter().all(|e| e["status"] == "identical"), "{v:#}");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "identical"),
+        "{v:#}"
+    );
 }

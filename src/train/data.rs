@@ -1,4 +1,4 @@
-//! Training rows (JSONL) and their tokenisation.
+//! Training rows (JSONL or Parquet) and their tokenisation.
 //!
 //! SFT rows carry chat `messages` (TRL / alignment-handbook) or ShareGPT `conversations`
 //! (`from`: human/gpt/system, `value`). Loss is on assistant tokens: the text each assistant message adds
@@ -46,6 +46,40 @@ pub enum DataError {
 pub struct Row {
     pub line: usize,
     pub value: Value,
+}
+
+/// Rows of a `.parquet` file (row numbers stand in for line numbers) or of a JSONL file.
+pub fn read_rows(path: &Path) -> Result<Vec<Row>, DataError> {
+    if path.extension().is_some_and(|e| e == "parquet") {
+        read_parquet(path)
+    } else {
+        read_jsonl(path)
+    }
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<Row>, DataError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).map_err(|e| DataError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let bad = |line: usize, e: parquet::errors::ParquetError| {
+        row_err(path, line, format!("Parquet: {e}"))
+    };
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(0, e))?;
+    let mut out = Vec::new();
+    for (i, row) in reader
+        .get_row_iter(None)
+        .map_err(|e| bad(0, e))?
+        .enumerate()
+    {
+        let row = row.map_err(|e| bad(i + 1, e))?;
+        out.push(Row {
+            line: i + 1,
+            value: row.to_json_value(),
+        });
+    }
+    Ok(out)
 }
 
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, DataError> {

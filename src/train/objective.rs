@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::data::{read_jsonl, sft_messages, tokenize_pair, tokenize_sft, DataError, PairExample};
+use super::data::{read_rows, sft_messages, tokenize_pair, tokenize_sft, DataError, PairExample};
 use super::TrainError;
 use crate::model::{ChatTemplate, Decoder, ModelError};
 
@@ -90,7 +90,7 @@ impl SftObjective {
     ) -> Result<SftObjective, TrainError> {
         let mut examples = Vec::new();
         let mut skipped = 0;
-        for row in read_jsonl(path)? {
+        for row in read_rows(path)? {
             let msgs = sft_messages(path, &row)?;
             let mut ex =
                 tokenize_sft(template, tok, &msgs, extra).map_err(|source| DataError::Model {
@@ -223,7 +223,7 @@ impl DpoObjective {
         let wrpo = matches!(loss, DpoLoss::Wrpo { .. });
         let mut pairs = Vec::new();
         let mut skipped = 0;
-        for row in read_jsonl(path)? {
+        for row in read_rows(path)? {
             let mut p = tokenize_pair(path, &row, template, tok, extra, wrpo)?;
             if p.prompt.len() + 1 > max_len {
                 skipped += 1;

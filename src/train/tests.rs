@@ -454,3 +454,31 @@ fn wrpo_alpha_blends_source_and_target_answers() {
     let mid = loss_at(1.0, true, 5);
     assert!(mid != sig("1 2 3") && mid != sig("1 2 3 4"));
 }
+
+#[test]
+fn parquet_rows_load_like_jsonl() {
+    let fx = trl();
+    let ck = Checkpoint::open(&hf("llama")).unwrap();
+    let (t, k) = (ck.template().unwrap(), ck.tokenizer().unwrap());
+    let loss = DpoLoss::Sigmoid {
+        label_smoothing: 0.0,
+    };
+    let pq = DpoObjective::load(
+        &hf("dpo_rows.parquet"),
+        t,
+        k,
+        2048,
+        &Value::Null,
+        0.1,
+        loss.clone(),
+    )
+    .unwrap();
+    for (p, want) in pq.pairs().zip(fx["tokenized"].as_array().unwrap()) {
+        let ids: Vec<u32> = serde_json::from_value(want["chosen_ids"].clone()).unwrap();
+        assert_eq!(p.chosen, ids);
+    }
+    assert_eq!(pq.len(), 3);
+    let sft = SftObjective::load(&hf("sft_rows.parquet"), t, k, 2048, &Value::Null).unwrap();
+    let want: Vec<u32> = serde_json::from_value(fx["sft"]["rows"][1]["input_ids"].clone()).unwrap();
+    assert_eq!(sft.examples[1].1, want);
+}
