@@ -58,6 +58,7 @@ impl Default for DemoParams {
             seed: 3,
             save_steps: 4,
             keep_last: 1,
+            compute_dtype: "f32".into(),
         };
         DemoParams {
             base_model: "tests/fixtures/hf/llama".into(),

@@ -105,6 +105,9 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Forward/backward dtype (f32, bf16, f16); master weights and optimizer state stay f32.
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: String,
     #[arg(long)]
     pub json: bool,
 }

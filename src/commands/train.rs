@@ -29,6 +29,7 @@ fn config(a: &TrainArgs, default_lr: f64) -> TrainConfig {
         seed: a.seed,
         save_steps: a.save_steps,
         keep_last: a.keep_last,
+        compute_dtype: a.compute_dtype.clone(),
     }
 }
 

@@ -267,6 +267,24 @@ impl Decoder {
         Ok((Decoder::new(config, tensors)?, vars))
     }
 
+    /// A compute copy of f32 master weights in `dtype` (e.g. bf16). The casts are differentiable, so
+    /// gradients land on the f32 `Var`s; rebuild after every optimizer step.
+    pub fn from_vars(
+        config: ModelConfig,
+        vars: &BTreeMap<String, Var>,
+        dtype: DType,
+    ) -> Res<Decoder> {
+        let mut tensors = HashMap::new();
+        for (name, v) in vars {
+            let t = v
+                .as_tensor()
+                .to_dtype(dtype)
+                .ctx(|| format!("casting `{name}` for compute"))?;
+            tensors.insert(name.clone(), t);
+        }
+        Decoder::new(config, tensors)
+    }
+
     /// The current weights by Hugging Face name (for saving).
     pub fn weights(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();

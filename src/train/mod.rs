@@ -73,6 +73,13 @@ pub struct TrainConfig {
     pub save_steps: usize,
     /// Checkpoints kept (the best by held-out loss is kept in addition).
     pub keep_last: usize,
+    /// Forward/backward dtype: f32, bf16 or f16. Master weights and optimizer state stay f32.
+    #[serde(default = "default_compute")]
+    pub compute_dtype: String,
+}
+
+fn default_compute() -> String {
+    "f32".into()
 }
 
 impl Default for TrainConfig {
@@ -89,6 +96,7 @@ impl Default for TrainConfig {
             seed: 42,
             save_steps: 100,
             keep_last: 2,
+            compute_dtype: default_compute(),
         }
     }
 }
@@ -223,6 +231,7 @@ pub fn train(
     };
     let w = load_weights(&weights_dir, &ck.config, device, DType::F32)?;
     let (model, vars) = Decoder::trainable(ck.config.clone(), w)?;
+    let compute = crate::model::parse_dtype(&cfg.compute_dtype)?;
     truncate_metrics(&paths.metrics(), state.step)?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -256,8 +265,14 @@ pub fn train(
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut loss_total = 0.0;
         let mut tokens = 0usize;
+        let cast = if compute == DType::F32 {
+            None
+        } else {
+            Some(Decoder::from_vars(ck.config.clone(), &vars, compute)?)
+        };
+        let fwd = cast.as_ref().unwrap_or(&model);
         for micro in idx.chunks(cfg.batch_size) {
-            let out = objective.micro_loss(&model, micro, step, total, norm)?;
+            let out = objective.micro_loss(fwd, micro, step, total, norm)?;
             let l = out
                 .loss
                 .to_dtype(DType::F64)

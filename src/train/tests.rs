@@ -158,6 +158,7 @@ fn quick_cfg(steps_lr: f64) -> TrainConfig {
         seed: 3,
         save_steps: 4,
         keep_last: 2,
+        compute_dtype: "f32".into(),
     }
 }
 
@@ -481,4 +482,50 @@ fn parquet_rows_load_like_jsonl() {
     let sft = SftObjective::load(&hf("sft_rows.parquet"), t, k, 2048, &Value::Null).unwrap();
     let want: Vec<u32> = serde_json::from_value(fx["sft"]["rows"][1]["input_ids"].clone()).unwrap();
     assert_eq!(sft.examples[1].1, want);
+}
+
+#[test]
+fn bf16_compute_trains_f32_master_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(&hf("llama")).unwrap();
+    let (t, k) = (ck.template().unwrap(), ck.tokenizer().unwrap());
+    let train_p = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
+    let eval_p = write_jsonl(tmp.path(), "eval.jsonl", &count_rows(100..105));
+    let train_o = SftObjective::load(&train_p, t, k, 64, &Value::Null).unwrap();
+    let eval_o = SftObjective::load(&eval_p, t, k, 64, &Value::Null).unwrap();
+    let before = evaluate(&decoder("llama"), &eval_o).unwrap().0;
+    let paths = RunPaths {
+        out: tmp.path().join("run"),
+    };
+    let cfg = TrainConfig {
+        compute_dtype: "bf16".into(),
+        save_steps: 0,
+        ..quick_cfg(3e-3)
+    };
+    let s = train(
+        &hf("llama"),
+        &train_o,
+        None,
+        &cfg,
+        &paths,
+        &Device::Cpu,
+        &Hooks {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let trained = Checkpoint::open(&s.model).unwrap();
+    assert_eq!(
+        trained.config.raw["dtype"], "float32",
+        "masters are saved in f32"
+    );
+    let w = load_weights(&s.model, &trained.config, &Device::Cpu, DType::F32).unwrap();
+    let after = evaluate(&Decoder::new(trained.config.clone(), w).unwrap(), &eval_o)
+        .unwrap()
+        .0;
+    assert!(
+        after < 0.6 * before,
+        "bf16 compute: held-out loss {before} -> {after}"
+    );
 }
