@@ -1186,3 +1186,58 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
         "{v:#}"
     );
 }
+
+mod work_dir {
+    //! A step's work dir survives a failed attempt (where trainers keep checkpoints) and is removed
+    //! once the step's outputs are stored.
+    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef, RunOptions};
+    use fuselab::store::Store;
+
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    struct P {}
+
+    fn build(exp: &mut Experiment, _: &P) -> recipe::Result<()> {
+        exp.step("long", &(), &[], |ctx| {
+            let marker = ctx.work_dir()?.join("checkpoint");
+            if !marker.exists() {
+                std::fs::write(&marker, "half done")?;
+                return Err("interrupted".into());
+            }
+            std::fs::write(ctx.out("resumed.txt")?, std::fs::read(&marker)?)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    #[test]
+    fn work_dir_survives_a_failed_attempt_and_is_cleared_on_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let def = ExperimentDef::new("resumable", "", build);
+        let exp = def.instantiate(def.defaults()).unwrap();
+        let opts = || RunOptions {
+            force: vec![],
+            until: None,
+            jobs: 1,
+            executor: recipe::ExecutorKind::InProcess,
+            project: dir.path().to_path_buf(),
+            overrides: vec![],
+            progress: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::hidden(),
+            ),
+        };
+        let first = recipe::run(&store, &exp, &opts()).unwrap();
+        assert!(first.failure.is_some());
+        let second = recipe::run(&store, &exp, &opts()).unwrap();
+        assert!(second.failure.is_none());
+        let key = second.steps[0].key.unwrap();
+        assert!(!Records::new(&store).work_dir(&key).exists());
+        let out = store
+            .materialize(second.steps[0].outputs.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("resumed.txt")).unwrap(),
+            "half done"
+        );
+    }
+}
