@@ -86,7 +86,7 @@ fn force_and_until_select_steps() {
 mod code_version {
     //! A step's code version is part of its key. The CLI cannot edit code, so this test declares the
     //! "same" experiment twice through the library, once with a bumped version.
-    use fuselab::recipe::{self, step, Experiment, ExperimentDef, RunOptions, StepStatus};
+    use fuselab::recipe::{self, step, Experiment, ExperimentDef, StepStatus};
     use fuselab::store::Store;
     use serde::{Deserialize, Serialize};
 
@@ -128,17 +128,7 @@ mod code_version {
 
     fn ran(store: &Store, def: &ExperimentDef) -> Vec<String> {
         let exp = def.instantiate(def.defaults()).unwrap();
-        let opts = RunOptions {
-            force: vec![],
-            until: None,
-            jobs: 2,
-            executor: recipe::ExecutorKind::InProcess,
-            project: std::env::temp_dir(),
-            overrides: vec![],
-            progress: indicatif::MultiProgress::with_draw_target(
-                indicatif::ProgressDrawTarget::hidden(),
-            ),
-        };
+        let opts = crate::util::quiet_options(2, std::env::temp_dir());
         let r = recipe::run(store, &exp, &opts).unwrap();
         assert!(r.failure.is_none());
         let mut v: Vec<String> = r
@@ -624,7 +614,7 @@ fn bad_input_gives_clear_errors_and_leaves_the_store_consistent() {
 }
 
 mod panics {
-    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef, RunOptions};
+    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef};
     use fuselab::store::Store;
 
     #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -648,17 +638,7 @@ mod panics {
         let store = Store::open(dir.path().join("artifacts")).unwrap();
         let def = ExperimentDef::new("panics", "", build);
         let exp = def.instantiate(def.defaults()).unwrap();
-        let opts = RunOptions {
-            force: vec![],
-            until: None,
-            jobs: 1,
-            executor: recipe::ExecutorKind::InProcess,
-            project: dir.path().to_path_buf(),
-            overrides: vec![],
-            progress: indicatif::MultiProgress::with_draw_target(
-                indicatif::ProgressDrawTarget::hidden(),
-            ),
-        };
+        let opts = crate::util::quiet_options(1, dir.path().to_path_buf());
         let r = recipe::run(&store, &exp, &opts).unwrap();
         let err = r.failure.expect("the panic is reported").to_string();
         assert!(
@@ -1190,7 +1170,7 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
 mod work_dir {
     //! A step's work dir survives a failed attempt (where trainers keep checkpoints) and is removed
     //! once the step's outputs are stored.
-    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef, RunOptions};
+    use fuselab::recipe::{self, records::Records, Experiment, ExperimentDef};
     use fuselab::store::Store;
 
     #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -1215,17 +1195,7 @@ mod work_dir {
         let store = Store::open(dir.path().join("artifacts")).unwrap();
         let def = ExperimentDef::new("resumable", "", build);
         let exp = def.instantiate(def.defaults()).unwrap();
-        let opts = || RunOptions {
-            force: vec![],
-            until: None,
-            jobs: 1,
-            executor: recipe::ExecutorKind::InProcess,
-            project: dir.path().to_path_buf(),
-            overrides: vec![],
-            progress: indicatif::MultiProgress::with_draw_target(
-                indicatif::ProgressDrawTarget::hidden(),
-            ),
-        };
+        let opts = || crate::util::quiet_options(1, dir.path().to_path_buf());
         let first = recipe::run(&store, &exp, &opts()).unwrap();
         assert!(first.failure.is_some());
         let second = recipe::run(&store, &exp, &opts()).unwrap();

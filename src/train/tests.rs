@@ -162,39 +162,51 @@ fn quick_cfg(steps_lr: f64) -> TrainConfig {
     }
 }
 
-#[test]
-fn sft_lowers_held_out_loss() {
-    let tmp = tempfile::tempdir().unwrap();
+/// Train the llama fixture with SFT on the counting task; returns the held-out loss before and
+/// after, the summary and the run's paths (inside `tmp`).
+fn sft_on_counting(
+    tmp: &Path,
+    cfg: &TrainConfig,
+    with_eval: bool,
+) -> (f64, f64, TrainSummary, RunPaths) {
     let ck = Checkpoint::open(&hf("llama")).unwrap();
-    let train_p = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
-    let eval_p = write_jsonl(tmp.path(), "eval.jsonl", &count_rows(100..105));
+    let train_p = write_jsonl(tmp, "train.jsonl", &count_rows(0..16));
+    let eval_p = write_jsonl(tmp, "eval.jsonl", &count_rows(100..105));
     let (t, k) = (ck.template().unwrap(), ck.tokenizer().unwrap());
     let train_o = SftObjective::load(&train_p, t, k, 64, &Value::Null).unwrap();
     let eval_o = SftObjective::load(&eval_p, t, k, 64, &Value::Null).unwrap();
     let before = evaluate(&decoder("llama"), &eval_o).unwrap().0;
     let paths = RunPaths {
-        out: tmp.path().join("run"),
+        out: tmp.join("run"),
     };
     let hooks = Hooks {
         quiet: true,
         ..Default::default()
     };
+    let eval = with_eval.then_some(&eval_o as &dyn Objective);
     let s = train(
         &hf("llama"),
         &train_o,
-        Some(&eval_o),
-        &quick_cfg(3e-3),
+        eval,
+        cfg,
         &paths,
         &Device::Cpu,
         &hooks,
     )
     .unwrap();
-    assert_eq!(s.steps, 12);
     let trained = Checkpoint::open(&s.model).unwrap();
     let w = load_weights(&s.model, &trained.config, &Device::Cpu, DType::F32).unwrap();
     let after = evaluate(&Decoder::new(trained.config.clone(), w).unwrap(), &eval_o)
         .unwrap()
         .0;
+    (before, after, s, paths)
+}
+
+#[test]
+fn sft_lowers_held_out_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (before, after, s, paths) = sft_on_counting(tmp.path(), &quick_cfg(3e-3), true);
+    assert_eq!(s.steps, 12);
     assert!(after < 0.5 * before, "held-out loss {before} -> {after}");
     // Metrics stream: one line per step with the usual fields.
     let lines: Vec<Value> = std::fs::read_to_string(paths.metrics())
@@ -487,43 +499,17 @@ fn parquet_rows_load_like_jsonl() {
 #[test]
 fn bf16_compute_trains_f32_master_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let ck = Checkpoint::open(&hf("llama")).unwrap();
-    let (t, k) = (ck.template().unwrap(), ck.tokenizer().unwrap());
-    let train_p = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
-    let eval_p = write_jsonl(tmp.path(), "eval.jsonl", &count_rows(100..105));
-    let train_o = SftObjective::load(&train_p, t, k, 64, &Value::Null).unwrap();
-    let eval_o = SftObjective::load(&eval_p, t, k, 64, &Value::Null).unwrap();
-    let before = evaluate(&decoder("llama"), &eval_o).unwrap().0;
-    let paths = RunPaths {
-        out: tmp.path().join("run"),
-    };
     let cfg = TrainConfig {
         compute_dtype: "bf16".into(),
         save_steps: 0,
         ..quick_cfg(3e-3)
     };
-    let s = train(
-        &hf("llama"),
-        &train_o,
-        None,
-        &cfg,
-        &paths,
-        &Device::Cpu,
-        &Hooks {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (before, after, s, _) = sft_on_counting(tmp.path(), &cfg, false);
     let trained = Checkpoint::open(&s.model).unwrap();
     assert_eq!(
         trained.config.raw["dtype"], "float32",
         "masters are saved in f32"
     );
-    let w = load_weights(&s.model, &trained.config, &Device::Cpu, DType::F32).unwrap();
-    let after = evaluate(&Decoder::new(trained.config.clone(), w).unwrap(), &eval_o)
-        .unwrap()
-        .0;
     assert!(
         after < 0.6 * before,
         "bf16 compute: held-out loss {before} -> {after}"

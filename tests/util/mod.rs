@@ -140,3 +140,18 @@ impl Lcg {
         (self.0 >> 33) % n
     }
 }
+
+/// Run options for library-level tests: in-process, no progress bars.
+pub fn quiet_options(jobs: usize, project: std::path::PathBuf) -> fuselab::recipe::RunOptions {
+    fuselab::recipe::RunOptions {
+        force: vec![],
+        until: None,
+        jobs,
+        executor: fuselab::recipe::ExecutorKind::InProcess,
+        project,
+        overrides: vec![],
+        progress: indicatif::MultiProgress::with_draw_target(
+            indicatif::ProgressDrawTarget::hidden(),
+        ),
+    }
+}
