@@ -521,7 +521,7 @@ impl Decoder {
             let acc_dt = acc(self.dtype);
             let mut scores = (q
                 .to_dtype(acc_dt)?
-                .matmul(&k.to_dtype(acc_dt)?.t()?.contiguous()?)?
+                .matmul(&k.to_dtype(acc_dt)?.t()?)?
                 * scale)?;
             if let Some(cap) = cfg.attn_logit_softcapping {
                 scores = ((scores / cap)?.tanh()? * cap)?;

@@ -2,7 +2,7 @@
 //! executors, lineage and verification.
 //!
 //! An experiment is a Rust function that declares steps notebook-style:
-//! ```ignore
+//! ```text
 //! let corpus = exp.source("corpus", &p.corpus)?;
 //! let words = exp.step("words", &p.words, &[corpus], |ctx| { ... })?;
 //! ```
