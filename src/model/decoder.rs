@@ -519,10 +519,7 @@ impl Decoder {
             let k = repeat_kv(k, nh / nkv)?;
             let v = repeat_kv(v, nh / nkv)?;
             let acc_dt = acc(self.dtype);
-            let mut scores = (q
-                .to_dtype(acc_dt)?
-                .matmul(&k.to_dtype(acc_dt)?.t()?)?
-                * scale)?;
+            let mut scores = (q.to_dtype(acc_dt)?.matmul(&k.to_dtype(acc_dt)?.t()?)? * scale)?;
             if let Some(cap) = cfg.attn_logit_softcapping {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
