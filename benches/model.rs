@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use fuselab::generate::{generate, Rng, SamplingParams};
 use fuselab::model::{load_weights, save_checkpoint, Checkpoint, Decoder, ModelConfig};
-use fuselab::train::optim::{accumulate, clip_grad_norm, grads_of, AdamW, AdamWConfig};
+use fuselab::train::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 
 const VOCAB: usize = 8192;
 const SEQ: usize = 256;
@@ -92,7 +92,11 @@ fn main() {
             let mut total = 0.0;
             for s in 0..=steps {
                 let t0 = Instant::now();
-                let lp = model.token_logprobs(&ids, &mask).unwrap();
+                // The trainer's path: a recorded forward, the loss on the log-probs by autograd, then
+                // the hand-written backward through the model.
+                let traced = model.traced_logprobs(&ids, &mask).unwrap();
+                let lpv = Var::from_tensor(&traced.logps).unwrap();
+                let lp = lpv.as_tensor().clone();
                 let loss = if args[0] == "train" {
                     (lp.sum_all().unwrap().neg().unwrap() / (BATCH * (SEQ - 1)) as f64).unwrap()
                 } else {
@@ -110,9 +114,9 @@ fn main() {
                 };
                 let t1 = Instant::now();
                 let g = loss.backward().unwrap();
-                let t2 = Instant::now();
                 let mut grads = BTreeMap::new();
-                accumulate(&mut grads, grads_of(&vars, &g)).unwrap();
+                accumulate(&mut grads, traced.backward(g.get(&lpv).unwrap()).unwrap()).unwrap();
+                let t2 = Instant::now();
                 clip_grad_norm(&mut grads, 1.0).unwrap();
                 opt.update(&vars, &grads, 1e-4).unwrap();
                 if std::env::var_os("FUSELAB_BENCH_BREAKDOWN").is_some() {

@@ -10,18 +10,19 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::backward::{LayerTape, Tape};
 use super::config::{Activation, Family, ModelConfig};
 use super::{CandleContext, ModelError};
 
 type Res<T> = Result<T, ModelError>;
 
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // One 2-D GEMM over all tokens: a broadcast batched matmul would also make the weight's
         // gradient a per-batch tensor summed afterwards.
         let dims = x.dims().to_vec();
@@ -42,19 +43,19 @@ impl Linear {
     }
 }
 
-struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    input_norm: Tensor,
-    post_attn_norm: Tensor,
-    pre_ff_norm: Option<Tensor>,
-    post_ff_norm: Option<Tensor>,
-    window: Option<usize>,
+pub(crate) struct Layer {
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) input_norm: Tensor,
+    pub(crate) post_attn_norm: Tensor,
+    pub(crate) pre_ff_norm: Option<Tensor>,
+    pub(crate) post_ff_norm: Option<Tensor>,
+    pub(crate) window: Option<usize>,
 }
 
 /// Keys and values of every layer for the tokens seen so far.
@@ -81,10 +82,10 @@ impl KvCache {
 
 pub struct Decoder {
     pub config: ModelConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Tensor,
     inv_freq: Vec<f64>,
     device: Device,
     dtype: DType,
@@ -126,7 +127,7 @@ fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
 }
 
 /// The dtype reductions run in: float32, or float64 for f64 models (gradient checks).
-fn acc(dt: DType) -> DType {
+pub(crate) fn acc(dt: DType) -> DType {
     if dt == DType::F64 {
         DType::F64
     } else {
@@ -134,25 +135,33 @@ fn acc(dt: DType) -> DType {
     }
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, one_plus: bool) -> candle_core::Result<Tensor> {
+/// RMSNorm; also returns `sqrt(mean(x^2) + eps)` per row (reduction dtype), which the hand-written
+/// backward reuses.
+pub(crate) fn rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    one_plus: bool,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let dt = x.dtype();
     let xf = x.to_dtype(acc(dt))?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
-    if one_plus {
+    let denom = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let normed = xf.broadcast_div(&denom)?;
+    let y = if one_plus {
         // Gemma: (1 + w) multiplied in float32, then cast.
         normed
             .broadcast_mul(&(w.to_dtype(acc(dt))? + 1.0)?)?
-            .to_dtype(dt)
+            .to_dtype(dt)?
     } else {
         // Llama/Qwen/Mistral: cast first, then the weight.
-        normed.to_dtype(dt)?.broadcast_mul(w)
-    }
+        normed.to_dtype(dt)?.broadcast_mul(w)?
+    };
+    Ok((y, denom))
 }
 
 /// GELU, tanh approximation, from primitives: candle's fused `gelu` backward uses 6-digit constants,
 /// which puts its gradients ~1e-4 (relative) off transformers' on small values.
-fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * SQRT_2_OVER_PI)?;
     (x * 0.5)? * (inner.tanh()? + 1.0)?
@@ -165,18 +174,8 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
-}
-
-fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, h, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, h, n_rep, s, d))?
-        .reshape((b, h * n_rep, s, d))
 }
 
 impl Decoder {
@@ -399,6 +398,17 @@ impl Decoder {
         attn: &[Vec<u8>],
         cache: Option<&mut KvCache>,
     ) -> Res<Tensor> {
+        self.hidden_recorded(ids, attn, cache, None)
+    }
+
+    /// [`Decoder::hidden`], optionally recording what the hand-written backward needs.
+    pub(crate) fn hidden_recorded(
+        &self,
+        ids: &[Vec<u32>],
+        attn: &[Vec<u8>],
+        cache: Option<&mut KvCache>,
+        tape: Option<&mut Tape>,
+    ) -> Res<Tensor> {
         let b = ids.len();
         let t = ids.first().map_or(0, Vec::len);
         if b == 0 || t == 0 || attn.len() != b || ids.iter().any(|r| r.len() != t) {
@@ -438,16 +448,17 @@ impl Decoder {
                 all[k_len - t..].to_vec()
             })
             .collect();
-        self.forward_inner(ids, attn, &positions, cache)
+        self.forward_inner(ids, attn, &positions, cache, tape)
             .ctx(|| format!("{} forward", self.config.family.model_type()))
     }
 
-    fn forward_inner(
+    pub(crate) fn forward_inner(
         &self,
         ids: &[Vec<u32>],
         attn: &[Vec<u8>],
         positions: &[Vec<u32>],
         mut cache: Option<&mut KvCache>,
+        mut tape: Option<&mut Tape>,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let (b, t) = (ids.len(), ids[0].len());
@@ -476,39 +487,30 @@ impl Decoder {
                 c.layers = vec![None; self.layers.len()];
             }
         }
+        if let Some(tp) = tape.as_deref_mut() {
+            tp.ids = Some(idx.clone());
+            tp.rope = Some((cos.clone(), sin.clone()));
+        }
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let scale = match cfg.query_pre_attn_scalar {
-            Some(s) => s.powf(-0.5),
-            None => (hd as f64).powf(-0.5),
-        };
+        let rep = nh / nkv;
+        let scale = self.attn_scale();
+        let acc_dt = acc(self.dtype);
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
-            let x = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
-            let q = layer
-                .q
-                .forward(&x)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = layer
-                .k
-                .forward(&x)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = layer
-                .v
-                .forward(&x)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let mut k = apply_rope(&k, &cos, &sin)?;
-            let mut v = v;
+            let (x, in_denom) = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
+            let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
+                lin.forward(&x)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = apply_rope(&heads(&layer.q, nh)?, &cos, &sin)?;
+            let mut k = apply_rope(&heads(&layer.k, nkv)?, &cos, &sin)?;
+            let mut v = heads(&layer.v, nkv)?;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[li] {
                     k = Tensor::cat(&[pk, &k], 2)?;
@@ -516,12 +518,19 @@ impl Decoder {
                 }
                 c.layers[li] = Some((k.clone(), v.clone()));
             }
-            let k = repeat_kv(k, nh / nkv)?;
-            let v = repeat_kv(v, nh / nkv)?;
-            let acc_dt = acc(self.dtype);
-            let mut scores = (q.to_dtype(acc_dt)?.matmul(&k.to_dtype(acc_dt)?.t()?)? * scale)?;
+            let kl = k.dim(2)?;
+            // Grouped-query attention without repeating K/V: the `rep` query heads that share a
+            // key/value head are stacked along the query axis, `[b, nkv, rep * t, hd]`.
+            let qg = q.to_dtype(acc_dt)?.reshape((b, nkv, rep * t, hd))?;
+            let mut scores = (qg
+                .matmul(&k.to_dtype(acc_dt)?.t()?)?
+                .reshape((b, nh, t, kl))?
+                * scale)?;
+            let mut cap_tanh = None;
             if let Some(cap) = cfg.attn_logit_softcapping {
-                scores = ((scores / cap)?.tanh()? * cap)?;
+                let th = (scores / cap)?.tanh()?;
+                scores = (&th * cap)?;
+                cap_tanh = Some(th);
             }
             let mask = &masks
                 .iter()
@@ -529,98 +538,98 @@ impl Decoder {
                 .expect("a mask per window")
                 .1;
             let scores = scores.broadcast_add(&mask.to_dtype(acc_dt)?)?;
-            let probs = super::fused::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let probs = super::fused::softmax_last_dim(&scores)?;
             let a = probs
-                .matmul(&v.contiguous()?)?
+                .to_dtype(self.dtype)?
+                .reshape((b, nkv, rep * t, kl))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
-            let mut a = layer.o.forward(&a)?;
+            let o = layer.o.forward(&a)?;
+            let (x2, ff_denom, post_attn, post_ff, g, u, m, out);
             if gemma {
-                a = rms_norm(&a, &layer.post_attn_norm, cfg.rms_norm_eps, true)?;
-                h = (residual + a)?;
-                let r2 = h.clone();
-                let x = rms_norm(
-                    &h,
-                    layer.pre_ff_norm.as_ref().expect("gemma"),
-                    cfg.rms_norm_eps,
-                    true,
-                )?;
-                let m = self.mlp(layer, &x)?;
-                let m = rms_norm(
-                    &m,
-                    layer.post_ff_norm.as_ref().expect("gemma"),
-                    cfg.rms_norm_eps,
-                    true,
-                )?;
-                h = (r2 + m)?;
+                let (an, d) = rms_norm(&o, &layer.post_attn_norm, cfg.rms_norm_eps, true)?;
+                post_attn = Some((o.clone(), d));
+                h = (&residual + an)?;
+                let pre = layer.pre_ff_norm.as_ref().expect("gemma");
+                (x2, ff_denom) = rms_norm(&h, pre, cfg.rms_norm_eps, true)?;
+                (g, u, m) = self.mlp_parts(layer, &x2)?;
+                let d = layer.down.forward(&m)?;
+                let post = layer.post_ff_norm.as_ref().expect("gemma");
+                let (dn, dd) = rms_norm(&d, post, cfg.rms_norm_eps, true)?;
+                post_ff = Some((d, dd));
+                out = (&h + dn)?;
             } else {
-                h = (residual + a)?;
-                let r2 = h.clone();
-                let x = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps, false)?;
-                h = (r2 + self.mlp(layer, &x)?)?;
+                post_attn = None;
+                post_ff = None;
+                h = (&residual + o)?;
+                (x2, ff_denom) = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps, false)?;
+                (g, u, m) = self.mlp_parts(layer, &x2)?;
+                out = (&h + layer.down.forward(&m)?)?;
             }
+            if let Some(tp) = tape.as_deref_mut() {
+                tp.layers.push(LayerTape {
+                    h_in: residual,
+                    in_denom,
+                    x,
+                    q,
+                    k,
+                    v,
+                    probs,
+                    cap_tanh,
+                    a,
+                    post_attn,
+                    h_mid: h.clone(),
+                    ff_denom,
+                    x2,
+                    g,
+                    u,
+                    m,
+                    post_ff,
+                });
+            }
+            h = out;
         }
-        rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)
+        let (y, denom) = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
+        if let Some(tp) = tape {
+            tp.final_norm = Some((h, denom));
+        }
+        Ok(y)
+    }
+
+    /// `1/sqrt(head_dim)`, or Gemma-2's `query_pre_attn_scalar^-1/2`.
+    pub(crate) fn attn_scale(&self) -> f64 {
+        match self.config.query_pre_attn_scalar {
+            Some(s) => s.powf(-0.5),
+            None => (self.config.head_dim as f64).powf(-0.5),
+        }
     }
 
     /// Logits from final hidden states (any leading shape).
-    fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let mut logits = Linear {
-            w: self.lm_head.clone(),
-            b: None,
-        }
-        .forward(h)?;
-        if let Some(cap) = self.config.final_logit_softcapping {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(logits)
+    pub(crate) fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.head_parts(h)?.0)
     }
 
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Gate pre-activation, up projection and their product `act(gate) * up`.
+    fn mlp_parts(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let g = layer.gate.forward(x)?;
-        let g = match self.config.activation {
+        let u = layer.up.forward(x)?;
+        let act = match self.config.activation {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => gelu_tanh(&g)?,
         };
-        layer.down.forward(&(g * layer.up.forward(x)?)?)
+        let m = (act * &u)?;
+        Ok((g, u, m))
     }
 
     /// Log-probabilities `[b, t-1]` (f32; f64 for f64 models) of each token given the ones before it; differentiable.
     /// Entries at padded targets are meaningless: mask them with `attn[.., 1..]`.
     pub fn token_logprobs(&self, ids: &[Vec<u32>], attn: &[Vec<u8>]) -> Res<Tensor> {
-        let h = self.hidden(ids, attn, None)?;
-        let (b, t) = (ids.len(), ids[0].len());
-        let go = || -> candle_core::Result<Tensor> {
-            // Rows of logits in chunks of at most 4M values: the full [b*t, vocab] matrix (and its
-            // gradient) would be hundreds of MiB of short-lived memory for a large vocabulary.
-            let rows = b * (t - 1);
-            let h = h
-                .narrow(1, 0, t - 1)?
-                .contiguous()?
-                .reshape((rows, self.config.hidden_size))?;
-            let targets: Vec<u32> = ids.iter().flat_map(|r| r[1..].iter().copied()).collect();
-            let targets = Tensor::from_vec(targets, rows, &self.device)?;
-            let chunk = ((4usize << 20) / self.config.vocab_size).max(1);
-            let mut parts = Vec::new();
-            let mut start = 0;
-            while start < rows {
-                let n = chunk.min(rows - start);
-                let logits = self
-                    .head(&h.narrow(0, start, n)?)?
-                    .to_dtype(acc(self.dtype))?;
-                parts.push(super::fused::log_softmax_gather(
-                    &logits,
-                    &targets.narrow(0, start, n)?,
-                )?);
-                start += n;
-            }
-            Tensor::cat(&parts, 0)?.reshape((b, t - 1))
-        };
-        if t < 2 {
-            return Err(ModelError::Invalid(
-                "log-probs need at least two tokens".into(),
-            ));
-        }
-        go().ctx(|| "log-probs".into())
+        self.logprobs_recorded(ids, attn, None)
     }
 }

@@ -4,19 +4,35 @@
 //! devices, and for other dtypes, callers use the composed (differentiable) ops instead.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
-    Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor, D,
 };
 use rayon::prelude::*;
+
+use super::config::Activation;
 
 /// Whether the fused path applies to this tensor.
 pub fn available(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-trait Float: Copy + Send + Sync + 'static {
+trait Float:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
     fn to64(self) -> f64;
     fn from64(x: f64) -> Self;
+    /// `exp` in the type's own precision (f32 `exp` is several times cheaper than f64's; sums
+    /// still accumulate in f64).
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
 }
 impl Float for f32 {
     fn to64(self) -> f64 {
@@ -25,6 +41,12 @@ impl Float for f32 {
     fn from64(x: f64) -> f32 {
         x as f32
     }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    fn tanh(self) -> f32 {
+        f32::tanh(self)
+    }
 }
 impl Float for f64 {
     fn to64(self) -> f64 {
@@ -32,6 +54,12 @@ impl Float for f64 {
     }
     fn from64(x: f64) -> f64 {
         x
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
     }
 }
 
@@ -42,20 +70,33 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+fn row_max<T: Float>(row: &[T]) -> T {
+    row.iter()
+        .copied()
+        .fold(T::from64(f64::NEG_INFINITY), |m, v| {
+            if v.to64() > m.to64() {
+                v
+            } else {
+                m
+            }
+        })
+}
+
 fn softmax_rows<T: Float>(x: &[T], d: usize) -> Vec<T> {
     let mut out = vec![T::from64(0.0); x.len()];
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(o, row)| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to64()));
+            let max = row_max(row);
             let mut sum = 0.0;
-            for (oi, v) in o.iter_mut().zip(row) {
-                let e = (v.to64() - max).exp();
-                sum += e;
-                *oi = T::from64(e);
+            for (oi, &v) in o.iter_mut().zip(row) {
+                let e = (v - max).exp();
+                sum += e.to64();
+                *oi = e;
             }
+            let inv = T::from64(1.0 / sum);
             for oi in o.iter_mut() {
-                *oi = T::from64(oi.to64() / sum);
+                *oi = *oi * inv;
             }
         });
     out
@@ -95,13 +136,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct LogSoftmaxGather;
 
+fn lse<T: Float>(row: &[T]) -> (T, f64) {
+    let max = row_max(row);
+    let sum: f64 = row.iter().map(|&v| (v - max).exp().to64()).sum();
+    (max, sum)
+}
+
 fn lsg_fwd<T: Float>(x: &[T], t: &[u32], d: usize) -> Vec<T> {
     x.par_chunks(d)
         .zip(t.par_iter())
         .map(|(row, &ti)| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to64()));
-            let sum: f64 = row.iter().map(|v| (v.to64() - max).exp()).sum();
-            T::from64(row[ti as usize].to64() - max - sum.ln())
+            let (max, sum) = lse(row);
+            T::from64((row[ti as usize] - max).to64() - sum.ln())
         })
         .collect()
 }
@@ -112,13 +158,12 @@ fn lsg_bwd<T: Float>(x: &[T], t: &[u32], g: &[T], d: usize) -> Vec<T> {
         .zip(x.par_chunks(d))
         .zip(t.par_iter().zip(g.par_iter()))
         .for_each(|((o, row), (&ti, &gi))| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to64()));
-            let sum: f64 = row.iter().map(|v| (v.to64() - max).exp()).sum();
-            let gi = gi.to64();
-            for (oi, v) in o.iter_mut().zip(row) {
-                *oi = T::from64(-gi * (v.to64() - max).exp() / sum);
+            let (max, sum) = lse(row);
+            let k = T::from64(-gi.to64() / sum);
+            for (oi, &v) in o.iter_mut().zip(row) {
+                *oi = k * (v - max).exp();
             }
-            o[ti as usize] = T::from64(o[ti as usize].to64() + gi);
+            o[ti as usize] = o[ti as usize] + gi;
         });
     out
 }
@@ -191,6 +236,202 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
             .squeeze(D::Minus1)
+    }
+}
+
+/// Gradient of [`log_softmax_gather`] for upstream gradient `g` (`[...]`): `g (onehot - softmax)`.
+/// Not itself differentiable (the hand-written backward calls it).
+pub fn log_softmax_gather_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    if available(logits) {
+        let g = g.to_dtype(logits.dtype())?.contiguous()?;
+        logits
+            .contiguous()?
+            .apply_op3(&targets.contiguous()?, &g, LsgBackward)
+    } else {
+        let p = candle_nn::ops::softmax_last_dim(logits)?;
+        let g = g.to_dtype(logits.dtype())?.unsqueeze(D::Minus1)?;
+        p.broadcast_mul(&g.neg()?)?
+            .scatter_add(&targets.unsqueeze(D::Minus1)?, &g, D::Minus1)
+    }
+}
+
+struct LsgBackward;
+
+impl CustomOp3 for LsgBackward {
+    fn name(&self) -> &'static str {
+        "fused-log-softmax-gather-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims()[l1.dims().len() - 1];
+        let t = targets(s2, l2)?;
+        let out = match (s1, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(lsg_bwd(contiguous(x, l1)?, &t, contiguous(g, l3)?, d))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(lsg_bwd(contiguous(x, l1)?, &t, contiguous(g, l3)?, d))
+            }
+            _ => candle_core::bail!("fused log-softmax backward: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Gradient of a last-dim softmax with output `p`, for upstream gradient `dp`: `p (dp - sum(p dp))`.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if available(p) && p.dtype() == dp.dtype() {
+        p.contiguous()?
+            .apply_op2(&dp.contiguous()?, SoftmaxBackward)
+    } else {
+        let s = (p * dp)?.sum_keepdim(D::Minus1)?;
+        p * dp.broadcast_sub(&s)?
+    }
+}
+
+struct SoftmaxBackward;
+
+fn softmax_bwd_rows<T: Float>(p: &[T], dp: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::from64(0.0); p.len()];
+    out.par_chunks_mut(d)
+        .zip(p.par_chunks(d).zip(dp.par_chunks(d)))
+        .for_each(|(o, (pr, gr))| {
+            let s: f64 = pr.iter().zip(gr).map(|(&a, &b)| (a * b).to64()).sum();
+            let s = T::from64(s);
+            for ((oi, &a), &b) in o.iter_mut().zip(pr).zip(gr) {
+                *oi = a * (b - s);
+            }
+        });
+    out
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims()[l1.dims().len() - 1];
+        let out = match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                CpuStorage::F32(softmax_bwd_rows(contiguous(p, l1)?, contiguous(g, l2)?, d))
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
+                CpuStorage::F64(softmax_bwd_rows(contiguous(p, l1)?, contiguous(g, l2)?, d))
+            }
+            _ => candle_core::bail!("fused softmax backward: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Gradients `(dg, du)` of `act(g) * u` for upstream `dm`, in one pass; `None` where the fused
+/// kernel does not apply (the caller composes them).
+pub fn swiglu_backward(
+    act: Activation,
+    g: &Tensor,
+    u: &Tensor,
+    dm: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !available(g) || u.dtype() != g.dtype() || dm.dtype() != g.dtype() {
+        return Ok(None);
+    }
+    let both = g
+        .contiguous()?
+        .apply_op3(&u.contiguous()?, &dm.contiguous()?, ActBackward(act))?;
+    Ok(Some((both.get(0)?, both.get(1)?)))
+}
+
+struct ActBackward(Activation);
+
+fn act_bwd<T: Float>(act: Activation, g: &[T], u: &[T], dm: &[T]) -> Vec<T> {
+    let n = g.len();
+    let mut out = vec![T::from64(0.0); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    const CHUNK: usize = 1 << 14;
+    let one = T::from64(1.0);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dgc, duc))| {
+            let base = c * CHUNK;
+            for i in 0..dgc.len() {
+                let (x, up, d) = (g[base + i], u[base + i], dm[base + i]);
+                let (a, da) = match act {
+                    Activation::Silu => {
+                        let s = one / (one + (-x).exp());
+                        (x * s, s * (one + x * (one - s)))
+                    }
+                    Activation::GeluTanh => {
+                        let c = T::from64(0.797_884_560_802_865_4);
+                        let k = T::from64(0.044715);
+                        let half = T::from64(0.5);
+                        let th = (c * (x + k * x * x * x)).tanh();
+                        let inner = c * (one + T::from64(3.0) * k * x * x);
+                        (
+                            half * x * (one + th),
+                            half * (one + th) + half * x * (one - th * th) * inner,
+                        )
+                    }
+                };
+                duc[i] = d * a;
+                dgc[i] = d * up * da;
+            }
+        });
+    out
+}
+
+impl CustomOp3 for ActBackward {
+    fn name(&self) -> &'static str {
+        "fused-gated-activation-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
+                CpuStorage::F32(act_bwd(
+                    self.0,
+                    contiguous(g, l1)?,
+                    contiguous(u, l2)?,
+                    contiguous(d, l3)?,
+                ))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(d)) => {
+                CpuStorage::F64(act_bwd(
+                    self.0,
+                    contiguous(g, l1)?,
+                    contiguous(u, l2)?,
+                    contiguous(d, l3)?,
+                ))
+            }
+            _ => candle_core::bail!("fused activation backward: unsupported dtypes"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
     }
 }
 

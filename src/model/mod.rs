@@ -2,12 +2,14 @@
 //! Face checkpoint IO (config, single or sharded safetensors, tokenizer, chat template), one decoder
 //! implementation whose training forward is differentiable end to end, and log-probs.
 
+mod backward;
 pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod fused;
 mod io;
 
+pub use backward::{Tape, Traced};
 pub use chat::ChatTemplate;
 pub use config::{Family, ModelConfig};
 pub use decoder::{Decoder, KvCache};

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::generate::Rng;
-use crate::model::{load_weights, save_checkpoint, Checkpoint, Decoder, ModelError};
-use optim::{accumulate, clip_grad_norm, cosine_lr, grads_of, AdamW, AdamWConfig};
+use crate::model::{load_weights, save_checkpoint, CandleContext, Checkpoint, Decoder, ModelError};
+use optim::{accumulate, clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -297,7 +297,17 @@ pub fn train(
                 context: "backward".into(),
                 source: e,
             })?;
-            accumulate(&mut grads, grads_of(&vars, &g))?;
+            for (leaf, traced) in out.traces {
+                let Some(dlogps) = g.get(&leaf) else { continue };
+                let mut wg = traced.backward(dlogps)?;
+                if compute != DType::F32 {
+                    // Gradients arrive in the compute dtype; the f32 master weights take f32.
+                    for (k2, t) in wg.iter_mut() {
+                        *t = t.to_dtype(DType::F32).ctx(|| format!("casting `{k2}`"))?;
+                    }
+                }
+                accumulate(&mut grads, wg)?;
+            }
         }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {

@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::data::{read_rows, sft_messages, tokenize_pair, tokenize_sft, DataError, PairExample};
 use super::TrainError;
-use crate::model::{ChatTemplate, Decoder, ModelError};
+use crate::model::{ChatTemplate, Decoder, ModelError, Traced};
 
 pub struct MicroOut {
     /// Scalar; already divided by the step's normaliser, so micro-batch losses add up.
@@ -18,6 +18,23 @@ pub struct MicroOut {
     pub tokens: usize,
     /// Per-example sums of metrics, averaged by `finish_metrics`.
     pub sums: BTreeMap<String, f64>,
+    /// The log-probs the loss was built from, as autograd leaves, with the recorded forwards that
+    /// carry their gradients on into the model's weights ([`Traced::backward`]).
+    pub traces: Vec<(Var, Traced)>,
+}
+
+/// Log-probs for a loss: a recorded forward whose output enters the (small) loss graph as a leaf.
+fn traced_logprobs(
+    model: &Decoder,
+    ids: &[Vec<u32>],
+    attn: &[Vec<u8>],
+    traces: &mut Vec<(Var, Traced)>,
+) -> Result<Tensor, TrainError> {
+    let traced = model.traced_logprobs(ids, attn)?;
+    let leaf = candle(Var::from_tensor(&traced.logps), "log-probs")?;
+    let lp = leaf.as_tensor().clone();
+    traces.push((leaf, traced));
+    Ok(lp)
 }
 
 pub trait Objective {
@@ -147,7 +164,8 @@ impl Objective for SftObjective {
     ) -> Result<MicroOut, TrainError> {
         let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.examples[i].1.as_slice()).collect();
         let (ids, attn) = pad(&seqs);
-        let lp = model.token_logprobs(&ids, &attn)?;
+        let mut traces = Vec::new();
+        let lp = traced_logprobs(model, &ids, &attn, &mut traces)?;
         let (b, t) = (ids.len(), ids[0].len());
         let mut m = Vec::with_capacity(b * (t - 1));
         for &i in idx {
@@ -168,6 +186,7 @@ impl Objective for SftObjective {
             loss,
             tokens: seqs.iter().map(|s| s.len()).sum(),
             sums: BTreeMap::new(),
+            traces,
         })
     }
     fn finish_metrics(&self, _: &BTreeMap<String, f64>, _: usize) -> BTreeMap<String, f64> {
@@ -259,7 +278,14 @@ impl DpoObjective {
 
     /// Summed completion log-probs `[n_seq]` of every answer of the given pairs, in the order
     /// chosen..., rejected..., target... .
-    fn seq_logps(&self, model: &Decoder, idx: &[usize]) -> Result<(Tensor, Vec<f64>), TrainError> {
+    /// With `traces`, the forward is recorded for the hand-written backward; without, it is a plain
+    /// forward (the reference model).
+    fn seq_logps(
+        &self,
+        model: &Decoder,
+        idx: &[usize],
+        traces: Option<&mut Vec<(Var, Traced)>>,
+    ) -> Result<(Tensor, Vec<f64>), TrainError> {
         let k = if matches!(self.loss, DpoLoss::Wrpo { .. }) {
             3
         } else {
@@ -281,7 +307,10 @@ impl DpoObjective {
         }
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let (ids, attn) = pad(&refs);
-        let lp = model.token_logprobs(&ids, &attn)?;
+        let lp = match traces {
+            Some(tr) => traced_logprobs(model, &ids, &attn, tr)?,
+            None => model.token_logprobs(&ids, &attn)?,
+        };
         let t = ids[0].len();
         let mut m = Vec::with_capacity(seqs.len() * (t - 1));
         for (s, &pl) in seqs.iter().zip(&plen) {
@@ -306,7 +335,7 @@ impl DpoObjective {
         let mut out = vec![[0.0; 3]; n];
         let all: Vec<usize> = (0..n).collect();
         for chunk in all.chunks(8) {
-            let (s, _) = self.seq_logps(reference, chunk)?;
+            let (s, _) = self.seq_logps(reference, chunk, None)?;
             let v: Vec<f64> = candle(
                 s.to_dtype(DType::F64).and_then(|x| x.to_vec1()),
                 "reference",
@@ -371,7 +400,8 @@ impl Objective for DpoObjective {
                 "reference log-probs were not computed".into(),
             ));
         }
-        let (logps, lens) = self.seq_logps(model, idx)?;
+        let mut traces = Vec::new();
+        let (logps, lens) = self.seq_logps(model, idx, Some(&mut traces))?;
         let m = idx.len();
         let dev = model.device().clone();
         let beta = self.beta;
@@ -445,6 +475,7 @@ impl Objective for DpoObjective {
             loss: candle(loss.to_dtype(DType::F32), "loss")?,
             tokens,
             sums,
+            traces,
         })
     }
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
