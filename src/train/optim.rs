@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
+};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{CandleContext, ModelError};
@@ -55,33 +58,103 @@ impl AdamW {
         lr: f64,
     ) -> Result<(), ModelError> {
         self.step += 1;
-        let c = &self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let bc1 = 1.0 - self.config.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - self.config.beta2.powi(self.step as i32);
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
-            let mut go = || -> candle_core::Result<()> {
-                let m = match self.m.get(name) {
-                    Some(m) => ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
-                    None => (g * (1.0 - c.beta1))?,
-                };
-                let v = match self.v.get(name) {
-                    Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
-                    None => (g.sqr()? * (1.0 - c.beta2))?,
-                };
-                let mut p = var.as_tensor().clone();
-                if c.weight_decay != 0.0 {
-                    p = (&p * (1.0 - lr * c.weight_decay))?;
-                }
-                let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
-                let upd = ((&m / bc1)? / denom)?;
-                var.set(&(p - (upd * lr)?)?)?;
-                self.m.insert(name.clone(), m);
-                self.v.insert(name.clone(), v);
-                Ok(())
+            let p = var.as_tensor();
+            let fused = p.device().is_cpu()
+                && matches!(p.dtype(), DType::F32 | DType::F64)
+                && g.dtype() == p.dtype()
+                && p.is_contiguous();
+            let res = if fused {
+                self.update_in_place(name, p, g, lr, bc1, bc2)
+            } else {
+                self.update_composed(name, var, g, lr, bc1, bc2)
             };
-            go().ctx(|| format!("AdamW update of `{name}`"))?;
+            res.ctx(|| format!("AdamW update of `{name}`"))?;
         }
+        Ok(())
+    }
+
+    /// CPU: three passes that write the moments and the weights where they are, no temporaries
+    /// (the composed form below allocates a dozen parameter-sized tensors per weight).
+    fn update_in_place(
+        &mut self,
+        name: &str,
+        p: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+    ) -> candle_core::Result<()> {
+        let c = &self.config;
+        let g = g.contiguous()?;
+        let m = match self.m.get(name) {
+            Some(m) => m.clone(),
+            None => p.zeros_like()?,
+        };
+        let v = match self.v.get(name) {
+            Some(v) => v.clone(),
+            None => p.zeros_like()?,
+        };
+        m.inplace_op2(
+            &g,
+            &Moment {
+                beta: c.beta1,
+                square: false,
+            },
+        )?;
+        v.inplace_op2(
+            &g,
+            &Moment {
+                beta: c.beta2,
+                square: true,
+            },
+        )?;
+        p.inplace_op3(
+            &m,
+            &v,
+            &Step {
+                decay: 1.0 - lr * c.weight_decay,
+                lr,
+                bc1,
+                bc2,
+                eps: c.eps,
+            },
+        )?;
+        self.m.insert(name.to_string(), m);
+        self.v.insert(name.to_string(), v);
+        Ok(())
+    }
+
+    fn update_composed(
+        &mut self,
+        name: &str,
+        var: &Var,
+        g: &Tensor,
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+    ) -> candle_core::Result<()> {
+        let c = &self.config;
+        let m = match self.m.get(name) {
+            Some(m) => ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
+            None => (g * (1.0 - c.beta1))?,
+        };
+        let v = match self.v.get(name) {
+            Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
+            None => (g.sqr()? * (1.0 - c.beta2))?,
+        };
+        let mut p = var.as_tensor().clone();
+        if c.weight_decay != 0.0 {
+            p = (&p * (1.0 - lr * c.weight_decay))?;
+        }
+        let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
+        let upd = ((&m / bc1)? / denom)?;
+        var.set(&(p - (upd * lr)?)?)?;
+        self.m.insert(name.to_string(), m);
+        self.v.insert(name.to_string(), v);
         Ok(())
     }
 
@@ -115,6 +188,142 @@ impl AdamW {
             }
         }
         Ok(o)
+    }
+}
+
+/// `m = beta m + (1 - beta) g` (or `g^2`), in place.
+struct Moment {
+    beta: f64,
+    square: bool,
+}
+
+/// `p = p decay - lr (m / bc1) / (sqrt(v / bc2) + eps)`, in place.
+struct Step {
+    decay: f64,
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("in-place AdamW needs contiguous tensors"),
+    }
+}
+
+fn slice_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => candle_core::bail!("in-place AdamW needs contiguous tensors"),
+    }
+}
+
+macro_rules! moment {
+    ($t:ty, $m:expr, $g:expr, $beta:expr, $square:expr) => {{
+        let (b, k) = ($beta as $t, (1.0 - $beta) as $t);
+        $m.par_chunks_mut(1 << 15)
+            .zip($g.par_chunks(1 << 15))
+            .for_each(|(mc, gc)| {
+                for (mi, &gi) in mc.iter_mut().zip(gc) {
+                    let x = if $square { gi * gi } else { gi };
+                    *mi = *mi * b + x * k;
+                }
+            });
+    }};
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        match (dst, g) {
+            (CpuStorage::F32(m), CpuStorage::F32(g)) => {
+                moment!(
+                    f32,
+                    slice_mut(m, dst_l)?,
+                    slice(g, gl)?,
+                    self.beta,
+                    self.square
+                )
+            }
+            (CpuStorage::F64(m), CpuStorage::F64(g)) => {
+                moment!(
+                    f64,
+                    slice_mut(m, dst_l)?,
+                    slice(g, gl)?,
+                    self.beta,
+                    self.square
+                )
+            }
+            _ => candle_core::bail!("in-place AdamW: unsupported dtypes"),
+        }
+        Ok(())
+    }
+}
+
+macro_rules! step {
+    ($t:ty, $p:expr, $m:expr, $v:expr, $s:expr) => {{
+        let (decay, lr, ibc1, ibc2, eps) = (
+            $s.decay as $t,
+            $s.lr as $t,
+            (1.0 / $s.bc1) as $t,
+            (1.0 / $s.bc2) as $t,
+            $s.eps as $t,
+        );
+        $p.par_chunks_mut(1 << 15)
+            .zip($m.par_chunks(1 << 15).zip($v.par_chunks(1 << 15)))
+            .for_each(|(pc, (mc, vc))| {
+                for ((pi, &mi), &vi) in pc.iter_mut().zip(mc).zip(vc) {
+                    *pi = *pi * decay - lr * (mi * ibc1) / ((vi * ibc2).sqrt() + eps);
+                }
+            });
+    }};
+}
+
+impl InplaceOp3 for Step {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        match (dst, m, v) {
+            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                step!(
+                    f32,
+                    slice_mut(p, dst_l)?,
+                    slice(m, ml)?,
+                    slice(v, vl)?,
+                    self
+                )
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                step!(
+                    f64,
+                    slice_mut(p, dst_l)?,
+                    slice(m, ml)?,
+                    slice(v, vl)?,
+                    self
+                )
+            }
+            _ => candle_core::bail!("in-place AdamW: unsupported dtypes"),
+        }
+        Ok(())
     }
 }
 
@@ -211,13 +420,56 @@ mod tests {
         opt.save(&dir.path().join("o.safetensors")).unwrap();
         let mut o2 = AdamW::load(cfg, &dir.path().join("o.safetensors"), &dev).unwrap();
         assert_eq!(o2.step, 1);
-        let v2 = Var::from_tensor(var.as_tensor()).unwrap();
+        // A separate copy of the weights (Var::from_tensor on a Var would share its storage).
+        let v2 = Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap();
         let vars2 = BTreeMap::from([("w".to_string(), v2.clone())]);
         opt.update(&vars, &g, 0.01).unwrap();
         o2.update(&vars2, &g, 0.01).unwrap();
         let a: Vec<f64> = var.as_tensor().to_vec1().unwrap();
         let b: Vec<f64> = v2.as_tensor().to_vec1().unwrap();
         assert_eq!(a, b, "a restored optimizer continues bit-identically");
+    }
+
+    #[test]
+    fn in_place_update_equals_the_composed_one() {
+        let dev = Device::Cpu;
+        let mut rng = crate::generate::Rng::new(3, 0);
+        let mut r = |n: usize| -> Tensor {
+            let v: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            Tensor::from_vec(v, n, &dev).unwrap()
+        };
+        let w0 = r(1000);
+        let (a, b) = (
+            Var::from_tensor(&w0.copy().unwrap()).unwrap(),
+            Var::from_tensor(&w0.copy().unwrap()).unwrap(),
+        );
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let (mut oa, mut ob) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
+        for step in 1..=3 {
+            let g = r(1000);
+            let bc1 = 1.0 - 0.9f64.powi(step);
+            let bc2 = 1.0 - 0.999f64.powi(step);
+            oa.update_in_place("w", a.as_tensor(), &g, 1e-3, bc1, bc2)
+                .unwrap();
+            ob.update_composed("w", &b, &g, 1e-3, bc1, bc2).unwrap();
+        }
+        let d = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        let moved = (a.as_tensor() - &w0)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 1e-3);
     }
 
     #[test]
