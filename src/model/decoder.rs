@@ -32,10 +32,12 @@ impl Linear {
         );
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(self.w.dim(0)?);
-        let y = x
-            .reshape((rows, inner))?
-            .matmul(&self.w.t()?)?
-            .reshape(out_dims)?;
+        let x2 = x.reshape((rows, inner))?;
+        let y = match super::fused::small_matmul_t(&x2, &self.w)? {
+            Some(y) => y,
+            None => x2.matmul(&self.w.t()?)?,
+        }
+        .reshape(out_dims)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

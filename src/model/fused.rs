@@ -435,6 +435,125 @@ impl CustomOp3 for ActBackward {
     }
 }
 
+/// At most this many rows go through [`small_matmul_t`] instead of GEMM.
+pub const SMALL_ROWS: usize = 16;
+
+/// `x w^T` for a handful of rows `x [m, k]` (decoding) and a weight `w [n, k]`, differentiable.
+/// GEMM packs the whole weight into its panel layout on every call, which for a few rows costs
+/// more than the multiply; here each weight row is read once, in place, and dotted with every row
+/// of `x`. `None` where it does not apply (other devices, dtypes, or more rows).
+pub fn small_matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !available(x) || w.dtype() != x.dtype() || x.dims().len() != 2 || x.dim(0)? > SMALL_ROWS {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?.apply_op2(&w.contiguous()?, SmallMatmulT)?,
+    ))
+}
+
+struct SmallMatmulT;
+
+#[inline(always)]
+fn dot_rows<T: Float>(x: &[T], w: &[T], k: usize, out: &mut [T], n: usize, j0: usize) {
+    // out is [m, n] row-major; this fills columns j0.. for the weight rows in `w`.
+    let m = x.len() / k;
+    for (jj, wr) in w.chunks_exact(k).enumerate() {
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            // Eight independent partial sums so the loop vectorises without reassociation.
+            let mut acc = [T::from64(0.0); 8];
+            let (xc, wc) = (xr.chunks_exact(8), wr.chunks_exact(8));
+            let (xt, wt) = (xc.remainder(), wc.remainder());
+            for (a, b) in xc.zip(wc) {
+                for l in 0..8 {
+                    acc[l] = acc[l] + a[l] * b[l];
+                }
+            }
+            let mut s =
+                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (a, b) in xt.iter().zip(wt) {
+                s = s + *a * *b;
+            }
+            out[r * n + j0 + jj] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2<T: Float>(x: &[T], w: &[T], k: usize, out: &mut [T], n: usize, j0: usize) {
+    dot_rows(x, w, k, out, n, j0)
+}
+
+fn small_matmul_rows<T: Float>(x: &[T], w: &[T], k: usize) -> Vec<T> {
+    let (m, n) = (x.len() / k, w.len() / k);
+    const BLOCK: usize = 64;
+    let parts: Vec<(usize, Vec<T>)> = w
+        .par_chunks(BLOCK * k)
+        .enumerate()
+        .map(|(bi, wb)| {
+            let nb = wb.len() / k;
+            let mut part = vec![T::from64(0.0); m * nb];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports the features the function was compiled for.
+                unsafe { dot_rows_avx2(x, wb, k, &mut part, nb, 0) };
+                return (bi * BLOCK, part);
+            }
+            dot_rows(x, wb, k, &mut part, nb, 0);
+            (bi * BLOCK, part)
+        })
+        .collect();
+    let mut out = vec![T::from64(0.0); m * n];
+    for (j0, part) in parts {
+        let nb = part.len() / m;
+        for r in 0..m {
+            out[r * n + j0..r * n + j0 + nb].copy_from_slice(&part[r * nb..(r + 1) * nb]);
+        }
+    }
+    out
+}
+
+impl CustomOp2 for SmallMatmulT {
+    fn name(&self) -> &'static str {
+        "small-matmul-t"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = (l1.dims()[0], l1.dims()[1]);
+        let (n, k2) = (l2.dims()[0], l2.dims()[1]);
+        if k != k2 {
+            candle_core::bail!("small matmul: inner dimensions {k} and {k2} differ");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                CpuStorage::F32(small_matmul_rows(contiguous(x, l1)?, contiguous(w, l2)?, k))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                CpuStorage::F64(small_matmul_rows(contiguous(x, l1)?, contiguous(w, l2)?, k))
+            }
+            _ => candle_core::bail!("small matmul: unsupported dtypes"),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,5 +617,34 @@ mod tests {
             .max_all()
             .unwrap();
         assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn small_matmul_equals_gemm_forward_and_backward() {
+        for (m, k, n) in [(1, 7, 5), (8, 70, 130), (16, 64, 3)] {
+            let x = Var::from_tensor(&rand(&[m, k], 4)).unwrap();
+            let w = Var::from_tensor(&rand(&[n, k], 5)).unwrap();
+            let g = rand(&[m, n], 6);
+            let small = small_matmul_t(&x, &w).unwrap().expect("applies");
+            let gemm = x.matmul(&w.t().unwrap()).unwrap();
+            let d = (&small - &gemm).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f64>().unwrap() < 1e-12, "{m}x{k}x{n}");
+            let gs = (small * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gg = (gemm * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let d = (gs.get(v).unwrap() - gg.get(v).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+            }
+        }
+        assert!(
+            small_matmul_t(&rand(&[SMALL_ROWS + 1, 4], 7), &rand(&[3, 4], 8))
+                .unwrap()
+                .is_none()
+        );
     }
 }
