@@ -132,6 +132,10 @@ pub enum TrainCommand {
     Sft {
         #[arg(long)]
         model: PathBuf,
+        /// Pack conversations into rows of up to --max-len tokens (best-fit decreasing); each keeps
+        /// its own attention block and positions, so the loss is the unpacked one with less padding.
+        #[arg(long)]
+        packing: bool,
         #[command(flatten)]
         args: TrainArgs,
     },

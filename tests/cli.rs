@@ -1031,6 +1031,42 @@ mod train_cli {
     }
 
     #[test]
+    fn sft_packing_packs_rows_and_trains() {
+        let t = TestContext::new();
+        let data = t.dir.path().join("sft.jsonl");
+        fs::write(&data, rows(16)).unwrap();
+        let out = t.dir.path().join("packed");
+        let o = t.output(&[
+            "train",
+            "sft",
+            "--packing",
+            "--model",
+            &model(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "2",
+            "--max-len",
+            "256",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("packed 16 conversations into "))
+            .unwrap_or_else(|| panic!("no packing report in {err}"));
+        let rows: usize = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!((1..16).contains(&rows), "{line}");
+        let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+        // One epoch of `rows` packed rows, two per step.
+        assert_eq!(summary["steps"], rows.div_ceil(2));
+        assert!(out.join("model/model.safetensors").exists());
+    }
+
+    #[test]
     fn dpo_cli_streams_metrics_and_rejects_bad_rows() {
         let t = TestContext::new();
         let pairs = t.dir.path().join("pairs.jsonl");

@@ -114,12 +114,24 @@ fn run(
 
 pub fn train(cmd: &TrainCommand) -> Status {
     match cmd {
-        TrainCommand::Sft { model, args } => {
+        TrainCommand::Sft {
+            model,
+            packing,
+            args,
+        } => {
             let ck = Checkpoint::open(model)?;
             let device = parse_device(&args.device)?;
             let extra = template_vars(&args.vars)?;
             let (t, k) = (ck.template()?, ck.tokenizer()?);
-            let obj = SftObjective::load(&args.data, t, k, args.max_len, &extra)?;
+            let mut obj = SftObjective::load(&args.data, t, k, args.max_len, &extra)?;
+            if *packing {
+                let n = obj.len();
+                let rows = obj.pack(args.max_len);
+                eprintln!(
+                    "packed {n} conversations into {rows} rows of up to {} tokens",
+                    args.max_len
+                );
+            }
             let eval = match &args.eval_data {
                 Some(p) => Some(SftObjective::load(p, t, k, args.max_len, &extra)?),
                 None => None,

@@ -372,7 +372,10 @@ impl Decoder {
             for i in 0..q {
                 let qi = k - q + i;
                 for (j, &keep) in row.iter().enumerate() {
-                    let ok = keep != 0 && j <= qi && window.is_none_or(|w| qi - j < w);
+                    let ok = keep != 0
+                        && keep == row[qi]
+                        && j <= qi
+                        && window.is_none_or(|w| qi - j < w);
                     m.push(if ok { 0.0f32 } else { f32::MIN });
                 }
             }
@@ -383,6 +386,8 @@ impl Decoder {
     /// Logits `[b, t, vocab]` for `ids` (`[b][t]`, the new tokens). `attn` (`[b][past + t]`) marks real
     /// tokens (1) and padding (0) over the cached and the new positions. Positions follow the
     /// mask (cumulative count of real tokens), as transformers' generate does for left padding.
+    /// Packed rows number their segments 1, 2, 3, ...: a token attends only within its segment
+    /// and positions restart at each one (block-diagonal attention, as padding-free packing).
     pub fn forward(
         &self,
         ids: &[Vec<u32>],
@@ -439,11 +444,17 @@ impl Decoder {
         let positions: Vec<Vec<u32>> = attn
             .iter()
             .map(|row| {
-                let mut c = 0u32;
+                // Positions restart with each packed segment (a new non-zero mask value).
+                let (mut c, mut seg) = (0u32, 0u8);
                 let all: Vec<u32> = row
                     .iter()
                     .map(|&m| {
-                        c += m as u32;
+                        if m != 0 {
+                            if m != seg {
+                                (seg, c) = (m, 0);
+                            }
+                            c += 1;
+                        }
                         c.saturating_sub(1)
                     })
                     .collect();

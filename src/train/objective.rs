@@ -92,6 +92,8 @@ fn pad(seqs: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
 
 pub struct SftObjective {
     pub(crate) examples: Vec<(usize, Vec<u32>, Vec<u8>)>,
+    /// Per example, segment numbers 1, 2, ... of packed conversations (empty: not packed).
+    segments: Vec<Vec<u8>>,
     skipped: usize,
 }
 
@@ -130,7 +132,54 @@ impl SftObjective {
             }
             .into());
         }
-        Ok(SftObjective { examples, skipped })
+        Ok(SftObjective {
+            segments: vec![Vec::new(); examples.len()],
+            examples,
+            skipped,
+        })
+    }
+}
+
+impl SftObjective {
+    /// Pack conversations into rows of at most `max_len` tokens (best-fit decreasing, ties by
+    /// data order, so the packing is deterministic). Each conversation keeps its own attention
+    /// block and positions (see [`Decoder::forward`]); its first token is never a label, as it
+    /// is not one unpacked. Returns the number of packed rows.
+    pub fn pack(&mut self, max_len: usize) -> usize {
+        let mut order: Vec<usize> = (0..self.examples.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.examples[i].1.len()));
+        // (free space, members)
+        let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+        for i in order {
+            let len = self.examples[i].1.len();
+            let best = bins
+                .iter_mut()
+                .filter(|(free, m)| *free >= len && m.len() < u8::MAX as usize)
+                .min_by_key(|(free, _)| *free);
+            match best {
+                Some((free, m)) => {
+                    *free -= len;
+                    m.push(i);
+                }
+                None => bins.push((max_len.saturating_sub(len), vec![i])),
+            }
+        }
+        let old = std::mem::take(&mut self.examples);
+        self.segments.clear();
+        for (_, mut members) in bins {
+            members.sort_unstable();
+            let (mut ids, mut labels, mut segs) = (Vec::new(), Vec::new(), Vec::new());
+            for (k, &i) in members.iter().enumerate() {
+                let (_, x, m) = &old[i];
+                ids.extend_from_slice(x);
+                labels.push(0);
+                labels.extend_from_slice(&m[1..]);
+                segs.extend(std::iter::repeat_n(k as u8 + 1, x.len()));
+            }
+            self.examples.push((old[members[0]].0, ids, labels));
+            self.segments.push(segs);
+        }
+        self.examples.len()
     }
 }
 
@@ -163,7 +212,11 @@ impl Objective for SftObjective {
         norm: f64,
     ) -> Result<MicroOut, TrainError> {
         let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.examples[i].1.as_slice()).collect();
-        let (ids, attn) = pad(&seqs);
+        let (ids, mut attn) = pad(&seqs);
+        for (row, &i) in attn.iter_mut().zip(idx) {
+            let segs = &self.segments[i];
+            row[..segs.len()].copy_from_slice(segs);
+        }
         let mut traces = Vec::new();
         let lp = traced_logprobs(model, &ids, &attn, &mut traces)?;
         let (b, t) = (ids.len(), ids[0].len());

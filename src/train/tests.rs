@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::*;
@@ -131,6 +131,90 @@ fn sft_loss_matches_transformers_masked_loss() {
     let loss: f64 = out.loss.to_dtype(DType::F64).unwrap().to_scalar().unwrap();
     let want = fx["sft"]["batch_loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-4, "{loss} vs {want}");
+}
+
+/// Weight gradients of a micro-batch loss, through the hand-written backward.
+fn micro_grads(out: super::objective::MicroOut) -> BTreeMap<String, Tensor> {
+    let g = out.loss.backward().unwrap();
+    let mut acc = BTreeMap::new();
+    for (leaf, traced) in out.traces {
+        let d = g.get(&leaf).expect("the loss uses the log-probs");
+        super::optim::accumulate(&mut acc, traced.backward(d).unwrap()).unwrap();
+    }
+    acc
+}
+
+#[test]
+fn packing_changes_neither_loss_nor_gradients() {
+    let fx = trl();
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(&hf("llama")).unwrap();
+    let rows: Vec<Value> = fx["sft"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!({"messages": r["messages"]}))
+        .collect();
+    let data = write_jsonl(tmp.path(), "sft.jsonl", &rows);
+    let load = || {
+        SftObjective::load(
+            &data,
+            ck.template().unwrap(),
+            ck.tokenizer().unwrap(),
+            2048,
+            &Value::Null,
+        )
+        .unwrap()
+    };
+    let plain = load();
+    let mut packed = load();
+    assert_eq!(packed.pack(4096), 1, "both conversations fit one row");
+    let total: usize = plain.examples.iter().map(|e| e.1.len()).sum();
+    assert_eq!(packed.examples[0].1.len(), total);
+    let model = decoder("llama");
+    let loss = |o: &super::objective::MicroOut| -> f64 {
+        o.loss.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+    };
+    let all = [0usize, 1];
+    let u = plain
+        .micro_loss(&model, &all, 0, 1, plain.normaliser(&all))
+        .unwrap();
+    let p = packed
+        .micro_loss(&model, &[0], 0, 1, packed.normaliser(&[0]))
+        .unwrap();
+    assert_eq!(plain.normaliser(&all), packed.normaliser(&[0]));
+    assert!(
+        (loss(&u) - loss(&p)).abs() < 1e-5,
+        "{} vs {}",
+        loss(&u),
+        loss(&p)
+    );
+    let (gu, gp) = (micro_grads(u), micro_grads(p));
+    assert_eq!(gu.len(), gp.len());
+    for (name, a) in &gu {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = (a - &gp[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d <= 1e-4 * scale.max(1e-3),
+            "`{name}`: packed gradient off by {d} (scale {scale})"
+        );
+    }
+    // A row too short for both keeps them apart.
+    let mut apart = load();
+    assert_eq!(apart.pack(total - 1), 2);
 }
 
 /// A small task the tiny model can learn: count up from a number.
