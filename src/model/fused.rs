@@ -33,6 +33,11 @@ trait Float:
     /// still accumulate in f64).
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
+    /// Dot product with AVX2+FMA where the type has such a kernel (callers check the CPU).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(_a: &[Self], _b: &[Self]) -> Option<Self> {
+        None
+    }
 }
 impl Float for f32 {
     fn to64(self) -> f64 {
@@ -47,6 +52,43 @@ impl Float for f32 {
     fn tanh(self) -> f32 {
         f32::tanh(self)
     }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> Option<f32> {
+        Some(dot_f32_avx2(a, b))
+    }
+}
+
+/// Four 8-lane FMA chains, then a horizontal sum. The compiler's own vectorisation of the
+/// portable loop used 4-lane multiplies and adds without FMA (2.5x slower decoding).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut s = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (q, acc) in s.iter_mut().enumerate() {
+            let o = i + 8 * q;
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s[0]);
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    let mut t = _mm_cvtss_f32(h);
+    while i < n {
+        t += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    t
 }
 impl Float for f64 {
     fn to64(self) -> f64 {
@@ -482,7 +524,16 @@ fn dot_rows<T: Float>(x: &[T], w: &[T], k: usize, out: &mut [T], n: usize, j0: u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_rows_avx2<T: Float>(x: &[T], w: &[T], k: usize, out: &mut [T], n: usize, j0: usize) {
-    dot_rows(x, w, k, out, n, j0)
+    let m = x.len() / k;
+    for (jj, wr) in w.chunks_exact(k).enumerate() {
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            match T::dot_avx2(xr, wr) {
+                Some(v) => out[r * n + j0 + jj] = v,
+                None => dot_rows(xr, wr, k, &mut out[r * n + j0 + jj..], 1, 0),
+            }
+        }
+    }
 }
 
 fn small_matmul_rows<T: Float>(x: &[T], w: &[T], k: usize) -> Vec<T> {
@@ -640,6 +691,16 @@ mod tests {
                     .unwrap();
                 assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
             }
+        }
+        // f32 takes the AVX2/FMA dot product where the CPU has it; k = 75 covers its tails.
+        for (m, k, n) in [(1, 75, 9), (8, 512, 200)] {
+            let x = rand(&[m, k], 9).to_dtype(DType::F32).unwrap();
+            let w = rand(&[n, k], 10).to_dtype(DType::F32).unwrap();
+            let small = small_matmul_t(&x, &w).unwrap().expect("applies");
+            let gemm = x.matmul(&w.t().unwrap()).unwrap();
+            let d = (&small - &gemm).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "f32 {m}x{k}x{n}: off by {d}");
         }
         assert!(
             small_matmul_t(&rand(&[SMALL_ROWS + 1, 4], 7), &rand(&[3, 4], 8))
