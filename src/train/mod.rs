@@ -107,6 +107,48 @@ struct TrainerState {
     total_steps: usize,
     best: Option<(usize, f64)>,
     config: TrainConfig,
+    /// The objective's fingerprint (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    data: Option<String>,
+}
+
+/// Settings that may change between a crash and its resume: they decide what is written, not what
+/// is computed.
+const RESUMABLE_CHANGES: [&str; 2] = ["save_steps", "keep_last"];
+
+/// Why a checkpoint cannot be continued by this invocation, if it cannot.
+fn resume_mismatch(st: &TrainerState, cfg: &TrainConfig, data: &str) -> Option<String> {
+    let (a, b) = (
+        serde_json::to_value(&st.config).unwrap_or_default(),
+        serde_json::to_value(cfg).unwrap_or_default(),
+    );
+    let keys: std::collections::BTreeSet<&String> = a
+        .as_object()
+        .into_iter()
+        .chain(b.as_object())
+        .flat_map(|o| o.keys())
+        .collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k} {} -> {}",
+                a.get(k).unwrap_or(&Value::Null),
+                b.get(k).unwrap_or(&Value::Null)
+            )
+        })
+        .collect();
+    if !changed.is_empty() {
+        return Some(format!("settings changed: {}", changed.join(", ")));
+    }
+    match &st.data {
+        Some(d) if d != data => Some(
+            "the training examples differ (data file, tokenisation, --max-len, packing or loss settings)"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
 /// Where a run writes: checkpoints, metrics.jsonl, and the final model.
@@ -199,10 +241,17 @@ pub fn train(
     let total = steps_per_epoch * cfg.epochs;
 
     let ck = Checkpoint::open(policy)?;
+    let fingerprint = objective.fingerprint();
     let resume = paths.checkpoints().pop();
     let (weights_dir, mut opt, mut state, resumed_from) = match &resume {
         Some((step, dir)) => {
             let st: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+            if let Some(why) = resume_mismatch(&st, cfg, &fingerprint) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: cannot resume this checkpoint: {why}; use another --out or the original settings",
+                    dir.display()
+                )));
+            }
             if st.total_steps != total {
                 return Err(TrainError::Invalid(format!(
                     "{}: checkpoint was made for {} steps, this run has {total}: different data or settings",
@@ -225,6 +274,7 @@ pub fn train(
                 total_steps: total,
                 best: None,
                 config: cfg.clone(),
+                data: Some(fingerprint.clone()),
             },
             None,
         ),

@@ -57,6 +57,21 @@ pub trait Objective {
         norm: f64,
     ) -> Result<MicroOut, TrainError>;
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64>;
+    /// blake3 of everything that decides the loss of each example (tokens, labels, packing, loss
+    /// settings): a resumed run must see the same, or it would continue a different run.
+    fn fingerprint(&self) -> String;
+}
+
+fn hash_u32s(h: &mut blake3::Hasher, v: &[u32]) {
+    h.update(&(v.len() as u64).to_le_bytes());
+    for x in v {
+        h.update(&x.to_le_bytes());
+    }
+}
+
+fn hash_bytes(h: &mut blake3::Hasher, v: &[u8]) {
+    h.update(&(v.len() as u64).to_le_bytes());
+    h.update(v);
 }
 
 fn candle<T>(r: candle_core::Result<T>, what: &str) -> Result<T, TrainError> {
@@ -244,6 +259,16 @@ impl Objective for SftObjective {
     }
     fn finish_metrics(&self, _: &BTreeMap<String, f64>, _: usize) -> BTreeMap<String, f64> {
         BTreeMap::new()
+    }
+    fn fingerprint(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sft\0");
+        for ((_, ids, labels), segs) in self.examples.iter().zip(&self.segments) {
+            hash_u32s(&mut h, ids);
+            hash_bytes(&mut h, labels);
+            hash_bytes(&mut h, segs);
+        }
+        h.finalize().to_hex().to_string()
     }
 }
 
@@ -535,5 +560,28 @@ impl Objective for DpoObjective {
         sums.iter()
             .map(|(k, v)| (k.clone(), v / n.max(1) as f64))
             .collect()
+    }
+    fn fingerprint(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"dpo\0");
+        h.update(&self.beta.to_le_bytes());
+        hash_bytes(
+            &mut h,
+            serde_json::to_string(&self.loss)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        for (_, p) in &self.pairs {
+            hash_u32s(&mut h, &p.prompt);
+            for a in answers(p) {
+                hash_u32s(&mut h, a);
+            }
+        }
+        for r in &self.reference {
+            for x in r {
+                h.update(&x.to_le_bytes());
+            }
+        }
+        h.finalize().to_hex().to_string()
     }
 }

@@ -434,6 +434,91 @@ fn resume_after_a_crash_is_bit_identical() {
 }
 
 #[test]
+fn resume_refuses_changed_settings_or_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(&hf("llama")).unwrap();
+    let data = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
+    let load = || {
+        SftObjective::load(
+            &data,
+            ck.template().unwrap(),
+            ck.tokenizer().unwrap(),
+            64,
+            &Value::Null,
+        )
+        .unwrap()
+    };
+    let obj = load();
+    let cfg = TrainConfig {
+        save_steps: 2,
+        ..quick_cfg(1e-3)
+    };
+    let run = RunPaths {
+        out: tmp.path().join("run"),
+    };
+    let crash = Hooks {
+        crash_after_step: Some(3),
+        quiet: true,
+    };
+    let quiet = Hooks {
+        quiet: true,
+        ..Default::default()
+    };
+    assert!(train(&hf("llama"), &obj, None, &cfg, &run, &Device::Cpu, &crash).is_err());
+    let other_lr = TrainConfig {
+        lr: 2e-3,
+        ..cfg.clone()
+    };
+    let e = train(
+        &hf("llama"),
+        &obj,
+        None,
+        &other_lr,
+        &run,
+        &Device::Cpu,
+        &quiet,
+    )
+    .expect_err("a changed learning rate must not resume")
+    .to_string();
+    assert!(
+        e.contains("checkpoint-2") && e.contains("lr 0.001 -> 0.002"),
+        "{e}"
+    );
+    let mut packed = load();
+    packed.pack(64);
+    assert!(packed.len() < obj.len());
+    let e = train(
+        &hf("llama"),
+        &packed,
+        None,
+        &cfg,
+        &run,
+        &Device::Cpu,
+        &quiet,
+    )
+    .expect_err("packed data must not resume an unpacked run")
+    .to_string();
+    assert!(e.contains("training examples differ"), "{e}");
+    // Where the results are written may change; the run then completes.
+    let more_ckpts = TrainConfig {
+        save_steps: 5,
+        keep_last: 1,
+        ..cfg.clone()
+    };
+    let s = train(
+        &hf("llama"),
+        &obj,
+        None,
+        &more_ckpts,
+        &run,
+        &Device::Cpu,
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!(s.resumed_from, Some(2));
+}
+
+#[test]
 fn bad_rows_are_errors_or_counted_skips() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("llama")).unwrap();
