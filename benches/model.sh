@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=.bench/model
 mkdir -p "$work"
-[ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2>/dev/null || {
-  python3 -m venv .venv && .venv/bin/pip install -q torch transformers; }
+[ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers, trl, datasets" 2>/dev/null || {
+  python3 -m venv .venv && .venv/bin/pip install -q torch transformers trl datasets; }
 cargo build --release --benches --quiet
 bin=$(ls -t target/release/deps/model-* | grep -v '\.d$' | head -1)
 ckpt=$work/llama-8l-512
@@ -19,7 +19,11 @@ out=$work/results.jsonl
 measure() { # tool scenario args...
   local tool=$1; shift
   for r in $(seq "$runs"); do
-    if [ "$tool" = fuselab ]; then cmd=("$bin" "$@"); else cmd=(.venv/bin/python benches/model_torch.py "$@"); fi
+    case $tool in
+      fuselab) cmd=("$bin" "$@") ;;
+      torch) cmd=(.venv/bin/python benches/model_torch.py "$@") ;;
+      trl) cmd=(.venv/bin/python benches/model_trl.py "$@") ;;
+    esac
     /usr/bin/time -f "%M" -o "$work/rss" "${cmd[@]}" 2>/dev/null | grep '^{' >"$work/one"
     python3 -c "import json,sys; d=json.load(open('$work/one')); d['tool']='$tool'; d['max_rss_kb']=int(open('$work/rss').read().split()[-1]); print(json.dumps(d))" >>"$out"
     tail -n1 "$out"
@@ -31,10 +35,12 @@ for s in "train $ckpt $steps" "dpo $ckpt $steps" "generate $ckpt 1 64" "generate
   # shellcheck disable=SC2086
   measure torch $s
 done
+# The DPO step once more against TRL's own DPOTrainer (its whole training step).
+measure trl dpo "$ckpt" "$steps"
 python3 - "$out" <<'PY'
 import json, os, platform, subprocess, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
-torch_v = subprocess.run([".venv/bin/python", "-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"], capture_output=True, text=True).stdout.split()
+torch_v = subprocess.run([".venv/bin/python", "-c", "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)"], capture_output=True, text=True).stdout.split()
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 names = {"train": "SFT training step (forward + backward + clip + AdamW), batch 8 x 256",
          "dpo": "DPO step (4 pairs, 128 prompt + 128 answer, cached reference log-probs)",
@@ -42,14 +48,17 @@ names = {"train": "SFT training step (forward + backward + clip + AdamW), batch 
          "generate_b8": "greedy generation, batch 8, 16-token prompt, 64 new tokens"}
 lines = ["<!-- model-bench:start -->", "## Model stack and trainers (issues #3, #4)", "",
          f"Machine: {os.cpu_count()} cores ({cpu}); fuselab (candle 0.11, f32) vs PyTorch {torch_v[0] if torch_v else '?'} + "
-         f"transformers {torch_v[1] if len(torch_v) > 1 else '?'} (`torch.set_num_threads(2)`, sdpa attention), both on the same "
+         f"transformers {torch_v[1] if len(torch_v) > 1 else '?'} (TRL {torch_v[2] if len(torch_v) > 2 else '?'} for its row; `torch.set_num_threads(2)`, sdpa attention), all on the same "
          "random Llama checkpoint: vocab 8192, hidden 512, 8 layers, 8 heads, intermediate 1376. Tokens/s is the best of the "
          "runs (each run is its own process, after one warm-up step); memory is each process's peak RSS.",
          "Reproduce: `just bench-model` (runs `benches/model.sh`; `STEPS`, `RUNS` to change the sample).", "",
          "| scenario | fuselab tok/s | PyTorch tok/s | ratio | fuselab peak RSS | PyTorch peak RSS |", "|---|---|---|---|---|---|"]
-for key, label in names.items():
-    f = [r for r in rows if r["scenario"] == key and r["tool"] == "fuselab"]
-    t = [r for r in rows if r["scenario"] == key and r["tool"] == "torch"]
+order = ["train", "dpo", "dpo_trl", "generate_b1", "generate_b8"]
+names["dpo_trl"] = "DPO step, same pairs, peer: TRL 1.x `DPOTrainer` training step (its batching, loss, clip, AdamW, logging)"
+for key in order:
+    label = names[key]
+    f = [r for r in rows if r["scenario"] == key.removesuffix("_trl") and r["tool"] == "fuselab"]
+    t = [r for r in rows if r["scenario"] == key and r["tool"] in ("torch", "trl")]
     if not f or not t:
         continue
     bf, bt = max(r["tokens_per_s"] for r in f), max(r["tokens_per_s"] for r in t)

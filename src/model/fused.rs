@@ -4,8 +4,7 @@
 //! devices, and for other dtypes, callers use the composed (differentiable) ops instead.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
-    Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -112,6 +111,25 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// Runs `$body` over the contiguous slices of same-dtype f32 or f64 CPU storages and wraps the
+/// result in a storage of that dtype.
+macro_rules! per_float {
+    ($what:expr; $($v:ident = $s:expr, $l:expr);+ => $body:expr) => {{
+        #[allow(unused_parens)]
+        match ($($s),+) {
+            ($(CpuStorage::F32($v)),+) => {
+                $(let $v = contiguous($v, $l)?;)+
+                CpuStorage::F32($body)
+            }
+            ($(CpuStorage::F64($v)),+) => {
+                $(let $v = contiguous($v, $l)?;)+
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: unsupported dtypes", $what),
+        }
+    }};
+}
+
 fn row_max<T: Float>(row: &[T]) -> T {
     row.iter()
         .copied()
@@ -152,11 +170,7 @@ impl CustomOp1 for Softmax {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = l.dims()[l.dims().len() - 1];
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(contiguous(v, l)?, d)),
-            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(contiguous(v, l)?, d)),
-            _ => candle_core::bail!("fused softmax: unsupported dtype {:?}", s.dtype()),
-        };
+        let out = per_float!("fused softmax"; v = s, l => softmax_rows(v, d));
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -234,11 +248,7 @@ impl CustomOp2 for LogSoftmaxGather {
         if t.len() != n || t.iter().any(|&x| x as usize >= d) {
             candle_core::bail!("targets do not match the logits");
         }
-        let out = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(lsg_fwd(contiguous(v, l1)?, &t, d)),
-            CpuStorage::F64(v) => CpuStorage::F64(lsg_fwd(contiguous(v, l1)?, &t, d)),
-            _ => candle_core::bail!("fused log-softmax: unsupported dtype {:?}", s1.dtype()),
-        };
+        let out = per_float!("fused log-softmax"; v = s1, l1 => lsg_fwd(v, &t, d));
         Ok((out, Shape::from(l1.dims()[..l1.dims().len() - 1].to_vec())))
     }
     fn bwd(
@@ -318,15 +328,7 @@ impl CustomOp3 for LsgBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = l1.dims()[l1.dims().len() - 1];
         let t = targets(s2, l2)?;
-        let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(lsg_bwd(contiguous(x, l1)?, &t, contiguous(g, l3)?, d))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(lsg_bwd(contiguous(x, l1)?, &t, contiguous(g, l3)?, d))
-            }
-            _ => candle_core::bail!("fused log-softmax backward: unsupported dtypes"),
-        };
+        let out = per_float!("fused log-softmax backward"; x = s1, l1; g = s3, l3 => lsg_bwd(x, &t, g, d));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -370,15 +372,7 @@ impl CustomOp2 for SoftmaxBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = l1.dims()[l1.dims().len() - 1];
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                CpuStorage::F32(softmax_bwd_rows(contiguous(p, l1)?, contiguous(g, l2)?, d))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
-                CpuStorage::F64(softmax_bwd_rows(contiguous(p, l1)?, contiguous(g, l2)?, d))
-            }
-            _ => candle_core::bail!("fused softmax backward: unsupported dtypes"),
-        };
+        let out = per_float!("fused softmax backward"; p = s1, l1; g = s2, l2 => softmax_bwd_rows(p, g, d));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -452,25 +446,7 @@ impl CustomOp3 for ActBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
-                CpuStorage::F32(act_bwd(
-                    self.0,
-                    contiguous(g, l1)?,
-                    contiguous(u, l2)?,
-                    contiguous(d, l3)?,
-                ))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(d)) => {
-                CpuStorage::F64(act_bwd(
-                    self.0,
-                    contiguous(g, l1)?,
-                    contiguous(u, l2)?,
-                    contiguous(d, l3)?,
-                ))
-            }
-            _ => candle_core::bail!("fused activation backward: unsupported dtypes"),
-        };
+        let out = per_float!("fused activation backward"; g = s1, l1; u = s2, l2; d = s3, l3 => act_bwd(self.0, g, u, d));
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))
@@ -583,15 +559,7 @@ impl CustomOp2 for SmallMatmulT {
         if k != k2 {
             candle_core::bail!("small matmul: inner dimensions {k} and {k2} differ");
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(small_matmul_rows(contiguous(x, l1)?, contiguous(w, l2)?, k))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(small_matmul_rows(contiguous(x, l1)?, contiguous(w, l2)?, k))
-            }
-            _ => candle_core::bail!("small matmul: unsupported dtypes"),
-        };
+        let out = per_float!("small matmul"; x = s1, l1; w = s2, l2 => small_matmul_rows(x, w, k));
         Ok((out, Shape::from((m, n))))
     }
     fn bwd(

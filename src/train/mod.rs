@@ -390,7 +390,10 @@ pub fn train(
             eval_loss = Some(el);
         }
         writeln!(metrics_file, "{line}").map_err(io(&paths.metrics()))?;
-        bar.set_message(format!("{loss_total:.4}"));
+        bar.set_message(format!(
+            "{loss_total:.4}  {:.0} tok/s",
+            tokens as f64 / dt.max(1e-9)
+        ));
         bar.inc(1);
         if save_now && state.step < total {
             if let Some(el) = eval_loss {

@@ -97,18 +97,23 @@ fn dpo_step_zero_matches_trl() {
     }
 }
 
-#[test]
-fn sft_loss_matches_transformers_masked_loss() {
-    let fx = trl();
-    let tmp = tempfile::tempdir().unwrap();
-    let ck = Checkpoint::open(&hf("llama")).unwrap();
+/// The SFT conversations of the TRL fixture, written as a JSONL data file.
+fn trl_sft_rows(fx: &Value, dir: &Path) -> PathBuf {
     let rows: Vec<Value> = fx["sft"]["rows"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| json!({"messages": r["messages"]}))
         .collect();
-    let data = write_jsonl(tmp.path(), "sft.jsonl", &rows);
+    write_jsonl(dir, "sft.jsonl", &rows)
+}
+
+#[test]
+fn sft_loss_matches_transformers_masked_loss() {
+    let fx = trl();
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(&hf("llama")).unwrap();
+    let data = trl_sft_rows(&fx, tmp.path());
     let obj = SftObjective::load(
         &data,
         ck.template().unwrap(),
@@ -149,13 +154,7 @@ fn packing_changes_neither_loss_nor_gradients() {
     let fx = trl();
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("llama")).unwrap();
-    let rows: Vec<Value> = fx["sft"]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| json!({"messages": r["messages"]}))
-        .collect();
-    let data = write_jsonl(tmp.path(), "sft.jsonl", &rows);
+    let data = trl_sft_rows(&fx, tmp.path());
     let load = || {
         SftObjective::load(
             &data,
