@@ -24,7 +24,7 @@ measure() { # tool scenario args...
       torch) cmd=(.venv/bin/python benches/model_torch.py "$@") ;;
       trl) cmd=(.venv/bin/python benches/model_trl.py "$@") ;;
     esac
-    /usr/bin/time -f "%M" -o "$work/rss" "${cmd[@]}" 2>/dev/null | grep '^{' >"$work/one"
+    /usr/bin/time -f "%M" -o "$work/rss" "${cmd[@]}" 2>/dev/null | grep '^{"scenario"' >"$work/one"
     python3 -c "import json,sys; d=json.load(open('$work/one')); d['tool']='$tool'; d['max_rss_kb']=int(open('$work/rss').read().split()[-1]); print(json.dumps(d))" >>"$out"
     tail -n1 "$out"
   done

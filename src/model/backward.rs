@@ -199,8 +199,12 @@ fn norm_bwd(
     denom: &Tensor,
     w: &Tensor,
     dy: &Tensor,
+    eps: f64,
     one_plus: bool,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    if let Some(r) = fused::rms_norm_backward(x, w, dy, eps, one_plus)? {
+        return Ok(r);
+    }
     let dt = x.dtype();
     let ac = acc(dt);
     let n = x.dim(D::Minus1)?;
@@ -344,8 +348,9 @@ fn backward(
         &[&dh_rows, &Tensor::zeros((b, 1, hidden), dt, m.device())?],
         1,
     )?;
+    let eps = cfg.rms_norm_eps;
     let (hf_in, fden) = tape.final_norm.as_ref().ok_or_else(missing)?;
-    let (mut dh, dwn) = norm_bwd(hf_in, fden, &m.norm, &dhf, gemma)?;
+    let (mut dh, dwn) = norm_bwd(hf_in, fden, &m.norm, &dhf, eps, gemma)?;
     grads.add("model.norm.weight".into(), dwn)?;
 
     let (cos, sin) = tape.rope.as_ref().ok_or_else(missing)?;
@@ -361,7 +366,7 @@ fn backward(
         // MLP half: out = h_mid + [post_ff_norm](down(act(gate(x2)) * up(x2))).
         let dd = match (&lt.post_ff, &layer.post_ff_norm) {
             (Some((d, den)), Some(w)) => {
-                let (dd, dw) = norm_bwd(d, den, w, &dh, true)?;
+                let (dd, dw) = norm_bwd(d, den, w, &dh, eps, true)?;
                 grads.add(format!("{p}.post_feedforward_layernorm.weight"), dw)?;
                 dd
             }
@@ -379,7 +384,7 @@ fn backward(
         } else {
             &layer.post_attn_norm
         };
-        let (dhm, dw) = norm_bwd(&lt.h_mid, &lt.ff_denom, ff_w, &(dx2g + dx2u)?, gemma)?;
+        let (dhm, dw) = norm_bwd(&lt.h_mid, &lt.ff_denom, ff_w, &(dx2g + dx2u)?, eps, gemma)?;
         grads.add(
             if gemma {
                 format!("{p}.pre_feedforward_layernorm.weight")
@@ -393,7 +398,7 @@ fn backward(
         // Attention half: h_mid = h_in + [post_attn_norm](o(attn(x))).
         let d_o = match &lt.post_attn {
             Some((o, den)) => {
-                let (d_o, dw) = norm_bwd(o, den, &layer.post_attn_norm, &dh_mid, true)?;
+                let (d_o, dw) = norm_bwd(o, den, &layer.post_attn_norm, &dh_mid, eps, true)?;
                 grads.add(format!("{p}.post_attention_layernorm.weight"), dw)?;
                 d_o
             }
@@ -432,7 +437,7 @@ fn backward(
         let (dxv, dw, db) = linear_bwd(&layer.v, &lt.x, &dv)?;
         grads.linear(&format!("{p}.self_attn.v_proj"), dw, db)?;
         let dx = ((dxq + dxk)? + dxv)?;
-        let (dhi, dw) = norm_bwd(&lt.h_in, &lt.in_denom, &layer.input_norm, &dx, gemma)?;
+        let (dhi, dw) = norm_bwd(&lt.h_in, &lt.in_denom, &layer.input_norm, &dx, eps, gemma)?;
         grads.add(format!("{p}.input_layernorm.weight"), dw)?;
         dh = (dh_mid + dhi)?;
     }

@@ -145,6 +145,9 @@ pub(crate) fn rms_norm(
     eps: f64,
     one_plus: bool,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    if let Some(r) = super::fused::rms_norm(x, w, eps, one_plus)? {
+        return Ok(r);
+    }
     let dt = x.dtype();
     let xf = x.to_dtype(acc(dt))?;
     let denom = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;

@@ -453,6 +453,184 @@ impl CustomOp3 for ActBackward {
     }
 }
 
+/// RMSNorm `(y, sqrt(mean(x^2) + eps))` in two passes over each row, for tensors outside any
+/// autograd graph (the hand-written backward pairs it with [`rms_norm_backward`]). `w` is applied as
+/// `w`, or `1 + w` (Gemma). `None` where it does not apply: other devices or dtypes, or inputs that
+/// track gradients (those take the composed, differentiable form).
+pub fn rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    one_plus: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !available(x) || x.track_op() || w.track_op() || w.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let n = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / n;
+    let both = x
+        .contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNormFwd { eps, one_plus })?;
+    let y = both.narrow(0, 0, rows * n)?.reshape(x.shape())?;
+    let mut ddims = x.dims().to_vec();
+    *ddims.last_mut().expect("rank >= 1") = 1;
+    let denom = both.narrow(0, rows * n, rows)?.reshape(ddims)?;
+    Ok(Some((y, denom)))
+}
+
+struct RmsNormFwd {
+    eps: f64,
+    one_plus: bool,
+}
+
+fn rms_fwd_rows<T: Float>(x: &[T], w: &[T], eps: f64, one_plus: bool) -> Vec<T> {
+    let n = w.len();
+    let rows = x.len() / n;
+    let wf: Vec<T> = w
+        .iter()
+        .map(|&v| if one_plus { v + T::from64(1.0) } else { v })
+        .collect();
+    let mut out = vec![T::from64(0.0); rows * n + rows];
+    let (y, den) = out.split_at_mut(rows * n);
+    y.par_chunks_mut(n)
+        .zip(den.par_iter_mut())
+        .zip(x.par_chunks(n))
+        .for_each(|((yr, d), xr)| {
+            let s = rms_denom(xr, eps);
+            *d = s;
+            for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(&wf) {
+                *yi = xi / s * wi;
+            }
+        });
+    out
+}
+
+impl CustomOp2 for RmsNormFwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, len) = (l2.shape().elem_count(), l1.shape().elem_count());
+        if l1.dims()[l1.dims().len() - 1] != n {
+            candle_core::bail!("fused rms norm: weight does not match the last dimension");
+        }
+        let out = per_float!("fused rms norm"; x = s1, l1; w = s2, l2 => rms_fwd_rows(x, w, self.eps, self.one_plus));
+        Ok((out, Shape::from(len + len / n)))
+    }
+}
+
+/// Gradients `(dx, dw)` of [`rms_norm`] for upstream `dy`, given its input and denominators, in one
+/// pass over the rows (per-thread partial sums for `dw`). `None` where the fused form does not apply.
+/// The denominators are recomputed from `x` exactly as [`rms_norm`] computes them (a dot product per
+/// row, cheaper than passing a fourth tensor through a three-input op).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    one_plus: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let same = [w, dy].iter().all(|t| t.dtype() == x.dtype());
+    if !available(x) || !same {
+        return Ok(None);
+    }
+    let n = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / n;
+    let both = x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &dy.contiguous()?,
+        RmsNormBwd { n, eps, one_plus },
+    )?;
+    let dx = both.narrow(0, 0, rows * n)?.reshape(x.shape())?;
+    let dw = both.narrow(0, rows * n, n)?.reshape(w.shape())?;
+    Ok(Some((dx, dw)))
+}
+
+struct RmsNormBwd {
+    n: usize,
+    eps: f64,
+    one_plus: bool,
+}
+
+fn rms_denom<T: Float>(xr: &[T], eps: f64) -> T {
+    let ss: f64 = xr.iter().map(|&v| (v * v).to64()).sum();
+    T::from64((ss / xr.len() as f64 + eps).sqrt())
+}
+
+fn rms_bwd_rows<T: Float>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    n: usize,
+    eps: f64,
+    one_plus: bool,
+) -> Vec<T> {
+    let rows = dy.len() / n;
+    let wf: Vec<T> = w
+        .iter()
+        .map(|&v| if one_plus { v + T::from64(1.0) } else { v })
+        .collect();
+    let mut out = vec![T::from64(0.0); rows * n + n];
+    let (dx, dw) = out.split_at_mut(rows * n);
+    const BLOCK: usize = 64;
+    let partial: Vec<Vec<f64>> = dx
+        .par_chunks_mut(BLOCK * n)
+        .enumerate()
+        .map(|(bi, dxb)| {
+            let mut acc = vec![0.0f64; n];
+            for (ri, dxr) in dxb.chunks_mut(n).enumerate() {
+                let r = bi * BLOCK + ri;
+                let (xr, gr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+                let s = rms_denom(xr, eps);
+                let dot: f64 = xr
+                    .iter()
+                    .zip(gr)
+                    .zip(&wf)
+                    .map(|((&xi, &gi), &wi)| (gi * wi * xi).to64())
+                    .sum();
+                let k = T::from64(dot / (n as f64 * s.to64().powi(3)));
+                for i in 0..n {
+                    dxr[i] = gr[i] * wf[i] / s - xr[i] * k;
+                    acc[i] += (gr[i] * (xr[i] / s)).to64();
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partial {
+        for (d, v) in dw.iter_mut().zip(p) {
+            *d = *d + T::from64(v);
+        }
+    }
+    out
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l3.shape().elem_count();
+        let out = per_float!("fused rms norm backward"; x = s1, l1; w = s2, l2; dy = s3, l3
+            => rms_bwd_rows(x, w, dy, self.n, self.eps, self.one_plus));
+        Ok((out, Shape::from(len + self.n)))
+    }
+}
+
 /// At most this many rows go through [`small_matmul_t`] instead of GEMM.
 pub const SMALL_ROWS: usize = 16;
 
