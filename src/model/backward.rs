@@ -427,8 +427,14 @@ fn backward(
         let flat = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
             x.transpose(1, 2)?.reshape((b, t, n * hd))
         };
-        let dq = flat(rope_bwd(&dq, cos, sin)?, nh)?;
-        let dk = flat(rope_bwd(&dk, cos, sin)?, nkv)?;
+        let unrotate = |d: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            match fused::rope_heads_backward(d, cos, sin)? {
+                Some(x) => x.reshape((b, t, n * hd)),
+                None => flat(rope_bwd(d, cos, sin)?, n),
+            }
+        };
+        let dq = unrotate(&dq, nh)?;
+        let dk = unrotate(&dk, nkv)?;
         let dv = flat(dv, nkv)?;
         let (dxq, dw, db) = linear_bwd(&layer.q, &lt.x, &dq)?;
         grads.linear(&format!("{p}.self_attn.q_proj"), dw, db)?;

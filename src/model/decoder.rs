@@ -518,15 +518,18 @@ impl Decoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
             let (x, in_denom) = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
-            let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&x)?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let proj = |lin: &Linear, n: usize| lin.forward(&x)?.reshape((b, t, n, hd));
+            let heads = |p: Tensor| p.transpose(1, 2)?.contiguous();
+            let rotated = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
+                let p = proj(lin, n)?;
+                match super::fused::rope_heads(&p, &cos, &sin)? {
+                    Some(r) => Ok(r),
+                    None => apply_rope(&heads(p)?, &cos, &sin),
+                }
             };
-            let q = apply_rope(&heads(&layer.q, nh)?, &cos, &sin)?;
-            let mut k = apply_rope(&heads(&layer.k, nkv)?, &cos, &sin)?;
-            let mut v = heads(&layer.v, nkv)?;
+            let q = rotated(&layer.q, nh)?;
+            let mut k = rotated(&layer.k, nkv)?;
+            let mut v = heads(proj(&layer.v, nkv)?)?;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[li] {
                     k = Tensor::cat(&[pk, &k], 2)?;
