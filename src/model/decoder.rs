@@ -638,6 +638,9 @@ impl Decoder {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let g = layer.gate.forward(x)?;
         let u = layer.up.forward(x)?;
+        if let Some(m) = super::fused::gated_activation(self.config.activation, &g, &u)? {
+            return Ok((g, u, m));
+        }
         let act = match self.config.activation {
             Activation::Silu => g.silu()?,
             Activation::GeluTanh => gelu_tanh(&g)?,

@@ -32,6 +32,12 @@ trait Float:
     /// still accumulate in f64).
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
+    /// `v[i] = exp(v[i])` for a whole slice (vectorised for f32 where the CPU allows).
+    fn exp_slice(v: &mut [Self]) {
+        for x in v {
+            *x = x.exp();
+        }
+    }
     /// Dot product with AVX2+FMA where the type has such a kernel (callers check the CPU).
     #[cfg(target_arch = "x86_64")]
     unsafe fn dot_avx2(_a: &[Self], _b: &[Self]) -> Option<Self> {
@@ -54,6 +60,81 @@ impl Float for f32 {
     #[cfg(target_arch = "x86_64")]
     unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> Option<f32> {
         Some(dot_f32_avx2(a, b))
+    }
+    fn exp_slice(v: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { exp_f32_avx2(v) };
+            return;
+        }
+        for x in v {
+            *x = x.exp();
+        }
+    }
+}
+
+/// `exp` over a slice, eight lanes at a time: Cephes' range reduction `x = n ln2 + r` and a degree-5
+/// polynomial for `e^r` (about 1 ulp from libm's `expf`), scaled by `2^n` through the exponent bits.
+/// Inputs below the smallest normal's log give 0 (softmax masks send -3.4e38 here); the few above
+/// 88.3 (where `2^n` would overflow the exponent field) go to `expf`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_f32_avx2(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = v.len() / 8 * 8;
+    let p = v.as_mut_ptr();
+    let lo = _mm256_set1_ps(-87.336_55);
+    let hi = _mm256_set1_ps(88.3);
+    let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+    let (c1, c2) = (_mm256_set1_ps(0.693_359_4), _mm256_set1_ps(-2.121_944_4e-4));
+    let k = [
+        1.987_569_1e-4f32,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let x0 = _mm256_loadu_ps(p.add(i));
+        let x = _mm256_min_ps(_mm256_max_ps(x0, lo), hi);
+        let f = _mm256_round_ps(
+            _mm256_mul_ps(x, log2e),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(f, c2, _mm256_fnmadd_ps(f, c1, x));
+        let mut y = _mm256_set1_ps(k[0]);
+        for &c in &k[1..] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(f), _mm256_set1_epi32(127)),
+            23,
+        );
+        let mut out = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+        out = _mm256_and_ps(out, _mm256_cmp_ps(x0, lo, _CMP_GE_OQ));
+        // NaN in, NaN out.
+        out = _mm256_blendv_ps(out, x0, _mm256_cmp_ps(x0, x0, _CMP_UNORD_Q));
+        _mm256_storeu_ps(p.add(i), out);
+        if _mm256_movemask_ps(_mm256_cmp_ps(x0, hi, _CMP_GT_OQ)) != 0 {
+            // 2^n overflows the exponent field above `hi`; libm handles the rare large input.
+            let mut orig = [0f32; 8];
+            _mm256_storeu_ps(orig.as_mut_ptr(), x0);
+            for (j, x) in orig.into_iter().enumerate() {
+                if x > 88.3 {
+                    *p.add(i + j) = x.exp();
+                }
+            }
+        }
+        i += 8;
+    }
+    for x in &mut v[n..] {
+        *x = x.exp();
     }
 }
 
@@ -148,12 +229,11 @@ fn softmax_rows<T: Float>(x: &[T], d: usize) -> Vec<T> {
         .zip(x.par_chunks(d))
         .for_each(|(o, row)| {
             let max = row_max(row);
-            let mut sum = 0.0;
             for (oi, &v) in o.iter_mut().zip(row) {
-                let e = (v - max).exp();
-                sum += e.to64();
-                *oi = e;
+                *oi = v - max;
             }
+            T::exp_slice(o);
+            let sum: f64 = o.iter().map(|v| v.to64()).sum();
             let inv = T::from64(1.0 / sum);
             for oi in o.iter_mut() {
                 *oi = *oi * inv;
@@ -192,19 +272,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct LogSoftmaxGather;
 
-fn lse<T: Float>(row: &[T]) -> (T, f64) {
+/// Row maximum, and `exp(row - max)` written into `buf` with its sum.
+fn shifted_exp<T: Float>(row: &[T], buf: &mut [T]) -> (T, f64) {
     let max = row_max(row);
-    let sum: f64 = row.iter().map(|&v| (v - max).exp().to64()).sum();
-    (max, sum)
+    for (b, &v) in buf.iter_mut().zip(row) {
+        *b = v - max;
+    }
+    T::exp_slice(buf);
+    (max, buf.iter().map(|v| v.to64()).sum())
 }
 
 fn lsg_fwd<T: Float>(x: &[T], t: &[u32], d: usize) -> Vec<T> {
     x.par_chunks(d)
         .zip(t.par_iter())
-        .map(|(row, &ti)| {
-            let (max, sum) = lse(row);
-            T::from64((row[ti as usize] - max).to64() - sum.ln())
-        })
+        .map_init(
+            || vec![T::from64(0.0); d],
+            |buf, (row, &ti)| {
+                let (max, sum) = shifted_exp(row, buf);
+                T::from64((row[ti as usize] - max).to64() - sum.ln())
+            },
+        )
         .collect()
 }
 
@@ -214,10 +301,11 @@ fn lsg_bwd<T: Float>(x: &[T], t: &[u32], g: &[T], d: usize) -> Vec<T> {
         .zip(x.par_chunks(d))
         .zip(t.par_iter().zip(g.par_iter()))
         .for_each(|((o, row), (&ti, &gi))| {
-            let (max, sum) = lse(row);
+            // One exp per logit: the softmax numerators go straight into the output row.
+            let (_, sum) = shifted_exp(row, o);
             let k = T::from64(-gi.to64() / sum);
-            for (oi, &v) in o.iter_mut().zip(row) {
-                *oi = k * (v - max).exp();
+            for oi in o.iter_mut() {
+                *oi = *oi * k;
             }
             o[ti as usize] = o[ti as usize] + gi;
         });
@@ -377,6 +465,67 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+/// `act(g) * u` in one pass for tensors outside autograd (the recorded forward, inference); `None`
+/// where it does not apply.
+pub fn gated_activation(act: Activation, g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+    if !available(g) || u.dtype() != g.dtype() || g.track_op() || u.track_op() {
+        return Ok(None);
+    }
+    Ok(Some(
+        g.contiguous()?.apply_op2(&u.contiguous()?, Gated(act))?,
+    ))
+}
+
+struct Gated(Activation);
+
+fn gated_rows<T: Float>(act: Activation, g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::from64(0.0); g.len()];
+    const CHUNK: usize = 1 << 14;
+    let one = T::from64(1.0);
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let (gc, uc) = (&g[c * CHUNK..][..o.len()], &u[c * CHUNK..][..o.len()]);
+        match act {
+            Activation::Silu => {
+                for (oi, &x) in o.iter_mut().zip(gc) {
+                    *oi = -x;
+                }
+                T::exp_slice(o);
+                for ((oi, &x), &up) in o.iter_mut().zip(gc).zip(uc) {
+                    *oi = x / (one + *oi) * up;
+                }
+            }
+            Activation::GeluTanh => {
+                let k = T::from64(0.044715);
+                let cst = T::from64(0.797_884_560_802_865_4);
+                let half = T::from64(0.5);
+                for ((oi, &x), &up) in o.iter_mut().zip(gc).zip(uc) {
+                    *oi = half * x * (one + (cst * (x + k * x * x * x)).tanh()) * up;
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "fused-gated-activation"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("fused gated activation: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        let out = per_float!("fused gated activation"; g = s1, l1; u = s2, l2 => gated_rows(self.0, g, u));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// Gradients `(dg, du)` of `act(g) * u` for upstream `dm`, in one pass; `None` where the fused
 /// kernel does not apply (the caller composes them).
 pub fn swiglu_backward(
@@ -407,11 +556,18 @@ fn act_bwd<T: Float>(act: Activation, g: &[T], u: &[T], dm: &[T]) -> Vec<T> {
         .enumerate()
         .for_each(|(c, (dgc, duc))| {
             let base = c * CHUNK;
+            if act == Activation::Silu {
+                // exp(-g) for the chunk, vectorised, parked in the du output until it is written.
+                for (e, &x) in duc.iter_mut().zip(&g[base..]) {
+                    *e = -x;
+                }
+                T::exp_slice(duc);
+            }
             for i in 0..dgc.len() {
                 let (x, up, d) = (g[base + i], u[base + i], dm[base + i]);
                 let (a, da) = match act {
                     Activation::Silu => {
-                        let s = one / (one + (-x).exp());
+                        let s = one / (one + duc[i]);
                         (x * s, s * (one + x * (one - s)))
                     }
                     Activation::GeluTanh => {
@@ -935,5 +1091,39 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn vectorised_exp_matches_libm() {
+        let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.0443).collect();
+        xs.extend([
+            f32::MIN,
+            -1e30,
+            -100.0,
+            -87.4,
+            -87.3,
+            88.7,
+            88.8,
+            1e30,
+            f32::MAX,
+            0.0,
+            -0.0,
+        ]);
+        let mut got = xs.clone();
+        <f32 as Float>::exp_slice(&mut got);
+        for (&x, &y) in xs.iter().zip(&got) {
+            let want = x.exp();
+            if want < 1.2e-38 {
+                assert!(y < 1.2e-38, "exp({x}) = {y}, want {want}");
+            } else if want.is_infinite() {
+                assert_eq!(y, f32::INFINITY, "exp({x})");
+            } else {
+                let rel = ((y - want) / want).abs();
+                assert!(rel < 5e-7, "exp({x}) = {y}, want {want} (rel {rel})");
+            }
+        }
+        let mut nan = [f32::NAN; 9];
+        <f32 as Float>::exp_slice(&mut nan);
+        assert!(nan.iter().all(|v| v.is_nan()));
     }
 }
