@@ -16,9 +16,9 @@ steps=${STEPS:-3}
 runs=${RUNS:-2}
 out=$work/results.jsonl
 : >"$out"
-measure() { # tool scenario args...
+measure() { # tool scenario args... (one process)
   local tool=$1; shift
-  for r in $(seq "$runs"); do
+  {
     case $tool in
       fuselab) cmd=("$bin" "$@") ;;
       torch) cmd=(.venv/bin/python benches/model_torch.py "$@") ;;
@@ -27,16 +27,19 @@ measure() { # tool scenario args...
     /usr/bin/time -f "%M" -o "$work/rss" "${cmd[@]}" 2>/dev/null | grep '^{"scenario"' >"$work/one"
     python3 -c "import json,sys; d=json.load(open('$work/one')); d['tool']='$tool'; d['max_rss_kb']=int(open('$work/rss').read().split()[-1]); print(json.dumps(d))" >>"$out"
     tail -n1 "$out"
-  done
+  }
 }
+# Runs alternate between the tools, so a slow spell of this shared machine hits both sides.
 for s in "train $ckpt $steps" "dpo $ckpt $steps" "generate $ckpt 1 64" "generate $ckpt 8 64"; do
-  # shellcheck disable=SC2086
-  measure fuselab $s
-  # shellcheck disable=SC2086
-  measure torch $s
+  for r in $(seq "$runs"); do
+    # shellcheck disable=SC2086
+    measure fuselab $s
+    # shellcheck disable=SC2086
+    measure torch $s
+    # The DPO step once more against TRL's own DPOTrainer (its whole training step).
+    case $s in dpo*) measure trl dpo "$ckpt" "$steps" ;; esac
+  done
 done
-# The DPO step once more against TRL's own DPOTrainer (its whole training step).
-measure trl dpo "$ckpt" "$steps"
 python3 - "$out" <<'PY'
 import json, os, platform, subprocess, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -49,10 +52,11 @@ names = {"train": "SFT training step (forward + backward + clip + AdamW), batch 
 lines = ["<!-- model-bench:start -->", "## Model stack and trainers (issues #3, #4)", "",
          f"Machine: {os.cpu_count()} cores ({cpu}); fuselab (candle 0.11, f32) vs PyTorch {torch_v[0] if torch_v else '?'} + "
          f"transformers {torch_v[1] if len(torch_v) > 1 else '?'} (TRL {torch_v[2] if len(torch_v) > 2 else '?'} for its row; `torch.set_num_threads(2)`, sdpa attention), all on the same "
-         "random Llama checkpoint: vocab 8192, hidden 512, 8 layers, 8 heads, intermediate 1376. Tokens/s is the best of the "
-         "runs (each run is its own process, after one warm-up step); memory is each process's peak RSS.",
+         "random Llama checkpoint: vocab 8192, hidden 512, 8 layers, 8 heads, intermediate 1376. Tokens/s: best and median of the "
+         "runs (each run is its own process, after one warm-up step; the tools alternate run by run); ratios of both; memory is "
+         "each process's peak RSS.",
          "Reproduce: `just bench-model` (runs `benches/model.sh`; `STEPS`, `RUNS` to change the sample).", "",
-         "| scenario | fuselab tok/s | PyTorch tok/s | ratio | fuselab peak RSS | PyTorch peak RSS |", "|---|---|---|---|---|---|"]
+         "| scenario | fuselab tok/s best (median) | peer tok/s best (median) | ratio best (median) | fuselab peak RSS | peer peak RSS |", "|---|---|---|---|---|---|"]
 order = ["train", "dpo", "dpo_trl", "generate_b1", "generate_b8"]
 names["dpo_trl"] = "DPO step, same pairs, peer: TRL 1.x `DPOTrainer` training step (its batching, loss, clip, AdamW, logging)"
 for key in order:
@@ -62,8 +66,10 @@ for key in order:
     if not f or not t:
         continue
     bf, bt = max(r["tokens_per_s"] for r in f), max(r["tokens_per_s"] for r in t)
+    qf = statistics.median(r["tokens_per_s"] for r in f)
+    qt = statistics.median(r["tokens_per_s"] for r in t)
     mf, mt = max(r["max_rss_kb"] for r in f), max(r["max_rss_kb"] for r in t)
-    lines.append(f"| {label} | {bf:.0f} | {bt:.0f} | {bf/bt:.2f}x | {mf/1024:.0f} MiB | {mt/1024:.0f} MiB |")
+    lines.append(f"| {label} | {bf:.0f} ({qf:.0f}) | {bt:.0f} ({qt:.0f}) | {bf/bt:.2f}x ({qf/qt:.2f}x) | {mf/1024:.0f} MiB | {mt/1024:.0f} MiB |")
 lines += ["", "All runs: " + ", ".join(f"{r['tool']} {r['scenario']} {r['tokens_per_s']:.0f}" for r in rows), "<!-- model-bench:end -->"]
 section = "\n".join(lines) + "\n"
 path = "BENCHMARKS.md"
