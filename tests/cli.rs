@@ -516,6 +516,18 @@ fn plan_list_show_and_diff() {
     assert_eq!(shown["step"], "summary");
     assert_eq!(shown["status"], "succeeded");
     assert_eq!(shown["tools"]["fuselab"], env!("CARGO_PKG_VERSION"));
+    // The SIMD level that picked the numeric kernels, for bit-for-bit audits across machines.
+    assert_eq!(
+        shown["tools"]["cpu_features"],
+        fuselab::recipe::records::cpu_features()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(shown["tools"]["cpu_features"]
+            .as_str()
+            .unwrap()
+            .contains("avx2"));
+    }
     let text = t.ok(&["show", run_id]);
     assert!(text.contains("hello/summary"));
     let digest = a["steps"][4]["outputs"]["digest"].as_str().unwrap();

@@ -61,6 +61,32 @@ pub struct Tools {
     pub cargo_lock: Digest,
     pub target: String,
     pub profile: String,
+    /// SIMD features the numeric kernels picked at run time (GEMM width, vectorised exp): results
+    /// are bit-identical between machines only when these match.
+    #[serde(default)]
+    pub cpu_features: String,
+}
+
+/// The run-time-detected CPU features that select numeric code paths.
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut f = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            f.push("avx512f");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            f.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            f.push("fma");
+        }
+        f.join(",")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        String::new()
+    }
 }
 
 impl Tools {
@@ -76,6 +102,7 @@ impl Tools {
                 "release"
             }
             .to_string(),
+            cpu_features: cpu_features(),
         }
     }
 }
