@@ -10,16 +10,15 @@ use std::collections::BTreeMap;
 use candle_core::{Tensor, D};
 
 use super::config::{Activation, Family};
-use super::decoder::{acc, Decoder, Linear};
+use super::decoder::{acc, rms_denom, Decoder, Linear};
 use super::{fused, CandleContext, ModelError};
 
 type Res<T> = Result<T, ModelError>;
 
 /// What one layer's backward needs from its forward.
 pub(crate) struct LayerTape {
-    /// Layer input (the attention residual) and its RMSNorm denominator.
+    /// Layer input (the attention residual).
     pub(crate) h_in: Tensor,
-    pub(crate) in_denom: Tensor,
     /// Normalised input of the q/k/v projections.
     pub(crate) x: Tensor,
     /// Rotated queries `[b, nh, t, hd]`, rotated keys and values `[b, nkv, t, hd]`.
@@ -31,18 +30,17 @@ pub(crate) struct LayerTape {
     pub(crate) cap_tanh: Option<Tensor>,
     /// Attention output before the o-projection, `[b, t, nh * hd]`.
     pub(crate) a: Tensor,
-    /// Gemma: the o-projection output and its post-attention norm denominator.
-    pub(crate) post_attn: Option<(Tensor, Tensor)>,
-    /// Residual after attention, its feed-forward norm denominator and the normalised MLP input.
+    /// Gemma: the o-projection output (input of the post-attention norm).
+    pub(crate) post_attn: Option<Tensor>,
+    /// Residual after attention and the normalised MLP input.
     pub(crate) h_mid: Tensor,
-    pub(crate) ff_denom: Tensor,
     pub(crate) x2: Tensor,
     /// Gate pre-activation, up projection, `act(gate) * up`.
     pub(crate) g: Tensor,
     pub(crate) u: Tensor,
     pub(crate) m: Tensor,
-    /// Gemma: the down-projection output and its post-feed-forward norm denominator.
-    pub(crate) post_ff: Option<(Tensor, Tensor)>,
+    /// Gemma: the down-projection output (input of the post-feed-forward norm).
+    pub(crate) post_ff: Option<Tensor>,
 }
 
 /// One chunk of language-model-head rows: its logits after capping (reduction dtype) and the cap's
@@ -60,8 +58,8 @@ pub struct Tape {
     pub(crate) ids: Option<Tensor>,
     pub(crate) rope: Option<(Tensor, Tensor)>,
     pub(crate) layers: Vec<LayerTape>,
-    /// Input of the final norm and its denominator.
-    pub(crate) final_norm: Option<(Tensor, Tensor)>,
+    /// Input of the final norm.
+    pub(crate) final_norm: Option<Tensor>,
     head_rows: Option<Tensor>,
     targets: Option<Tensor>,
     chunks: Vec<HeadChunk>,
@@ -196,7 +194,6 @@ fn linear_bwd(
 /// Gradients of [`super::decoder::rms_norm`]: `(dx, dw)`.
 fn norm_bwd(
     x: &Tensor,
-    denom: &Tensor,
     w: &Tensor,
     dy: &Tensor,
     eps: f64,
@@ -210,6 +207,8 @@ fn norm_bwd(
     let n = x.dim(D::Minus1)?;
     let rows = x.elem_count() / n;
     let xf = x.to_dtype(ac)?;
+    // Recomputed rather than recorded: one reduction per row, the same ops as the forward.
+    let denom = &rms_denom(&xf, eps)?;
     let normed = xf.broadcast_div(denom)?;
     let (dnormed, dw) = if one_plus {
         let dyf = dy.to_dtype(ac)?;
@@ -349,8 +348,8 @@ fn backward(
         1,
     )?;
     let eps = cfg.rms_norm_eps;
-    let (hf_in, fden) = tape.final_norm.as_ref().ok_or_else(missing)?;
-    let (mut dh, dwn) = norm_bwd(hf_in, fden, &m.norm, &dhf, eps, gemma)?;
+    let hf_in = tape.final_norm.as_ref().ok_or_else(missing)?;
+    let (mut dh, dwn) = norm_bwd(hf_in, &m.norm, &dhf, eps, gemma)?;
     grads.add("model.norm.weight".into(), dwn)?;
 
     let (cos, sin) = tape.rope.as_ref().ok_or_else(missing)?;
@@ -365,8 +364,8 @@ fn backward(
         let p = format!("model.layers.{li}");
         // MLP half: out = h_mid + [post_ff_norm](down(act(gate(x2)) * up(x2))).
         let dd = match (&lt.post_ff, &layer.post_ff_norm) {
-            (Some((d, den)), Some(w)) => {
-                let (dd, dw) = norm_bwd(d, den, w, &dh, eps, true)?;
+            (Some(d), Some(w)) => {
+                let (dd, dw) = norm_bwd(d, w, &dh, eps, true)?;
                 grads.add(format!("{p}.post_feedforward_layernorm.weight"), dw)?;
                 dd
             }
@@ -384,7 +383,7 @@ fn backward(
         } else {
             &layer.post_attn_norm
         };
-        let (dhm, dw) = norm_bwd(&lt.h_mid, &lt.ff_denom, ff_w, &(dx2g + dx2u)?, eps, gemma)?;
+        let (dhm, dw) = norm_bwd(&lt.h_mid, ff_w, &(dx2g + dx2u)?, eps, gemma)?;
         grads.add(
             if gemma {
                 format!("{p}.pre_feedforward_layernorm.weight")
@@ -397,8 +396,8 @@ fn backward(
 
         // Attention half: h_mid = h_in + [post_attn_norm](o(attn(x))).
         let d_o = match &lt.post_attn {
-            Some((o, den)) => {
-                let (d_o, dw) = norm_bwd(o, den, &layer.post_attn_norm, &dh_mid, eps, true)?;
+            Some(o) => {
+                let (d_o, dw) = norm_bwd(o, &layer.post_attn_norm, &dh_mid, eps, true)?;
                 grads.add(format!("{p}.post_attention_layernorm.weight"), dw)?;
                 d_o
             }
@@ -443,7 +442,7 @@ fn backward(
         let (dxv, dw, db) = linear_bwd(&layer.v, &lt.x, &dv)?;
         grads.linear(&format!("{p}.self_attn.v_proj"), dw, db)?;
         let dx = ((dxq + dxk)? + dxv)?;
-        let (dhi, dw) = norm_bwd(&lt.h_in, &lt.in_denom, &layer.input_norm, &dx, eps, gemma)?;
+        let (dhi, dw) = norm_bwd(&lt.h_in, &layer.input_norm, &dx, eps, gemma)?;
         grads.add(format!("{p}.input_layernorm.weight"), dw)?;
         dh = (dh_mid + dhi)?;
     }

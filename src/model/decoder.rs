@@ -137,31 +137,32 @@ pub(crate) fn acc(dt: DType) -> DType {
     }
 }
 
-/// RMSNorm; also returns `sqrt(mean(x^2) + eps)` per row (reduction dtype), which the hand-written
-/// backward reuses.
+/// `sqrt(mean(x^2) + eps)` over the last dimension, in the reduction dtype.
+pub(crate) fn rms_denom(xf: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()
+}
+
 pub(crate) fn rms_norm(
     x: &Tensor,
     w: &Tensor,
     eps: f64,
     one_plus: bool,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    if let Some(r) = super::fused::rms_norm(x, w, eps, one_plus)? {
-        return Ok(r);
+) -> candle_core::Result<Tensor> {
+    if let Some(y) = super::fused::rms_norm(x, w, eps, one_plus)? {
+        return Ok(y);
     }
     let dt = x.dtype();
     let xf = x.to_dtype(acc(dt))?;
-    let denom = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let normed = xf.broadcast_div(&denom)?;
-    let y = if one_plus {
+    let normed = xf.broadcast_div(&rms_denom(&xf, eps)?)?;
+    if one_plus {
         // Gemma: (1 + w) multiplied in float32, then cast.
         normed
             .broadcast_mul(&(w.to_dtype(acc(dt))? + 1.0)?)?
-            .to_dtype(dt)?
+            .to_dtype(dt)
     } else {
         // Llama/Qwen/Mistral: cast first, then the weight.
-        normed.to_dtype(dt)?.broadcast_mul(w)?
-    };
-    Ok((y, denom))
+        normed.to_dtype(dt)?.broadcast_mul(w)
+    }
 }
 
 /// GELU, tanh approximation, from primitives: candle's fused `gelu` backward uses 6-digit constants,
@@ -517,7 +518,7 @@ impl Decoder {
         let acc_dt = acc(self.dtype);
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
-            let (x, in_denom) = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
+            let x = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
             let proj = |lin: &Linear, n: usize| lin.forward(&x)?.reshape((b, t, n, hd));
             let heads = |p: Tensor| p.transpose(1, 2)?.contiguous();
             let rotated = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
@@ -566,31 +567,30 @@ impl Decoder {
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
             let o = layer.o.forward(&a)?;
-            let (x2, ff_denom, post_attn, post_ff, g, u, m, out);
+            let (x2, post_attn, post_ff, g, u, m, out);
             if gemma {
-                let (an, d) = rms_norm(&o, &layer.post_attn_norm, cfg.rms_norm_eps, true)?;
-                post_attn = Some((o.clone(), d));
+                let an = rms_norm(&o, &layer.post_attn_norm, cfg.rms_norm_eps, true)?;
+                post_attn = Some(o.clone());
                 h = (&residual + an)?;
                 let pre = layer.pre_ff_norm.as_ref().expect("gemma");
-                (x2, ff_denom) = rms_norm(&h, pre, cfg.rms_norm_eps, true)?;
+                x2 = rms_norm(&h, pre, cfg.rms_norm_eps, true)?;
                 (g, u, m) = self.mlp_parts(layer, &x2)?;
                 let d = layer.down.forward(&m)?;
                 let post = layer.post_ff_norm.as_ref().expect("gemma");
-                let (dn, dd) = rms_norm(&d, post, cfg.rms_norm_eps, true)?;
-                post_ff = Some((d, dd));
+                let dn = rms_norm(&d, post, cfg.rms_norm_eps, true)?;
+                post_ff = Some(d);
                 out = (&h + dn)?;
             } else {
                 post_attn = None;
                 post_ff = None;
                 h = (&residual + o)?;
-                (x2, ff_denom) = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps, false)?;
+                x2 = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps, false)?;
                 (g, u, m) = self.mlp_parts(layer, &x2)?;
                 out = (&h + layer.down.forward(&m)?)?;
             }
             if let Some(tp) = tape.as_deref_mut() {
                 tp.layers.push(LayerTape {
                     h_in: residual,
-                    in_denom,
                     x,
                     q,
                     k,
@@ -600,7 +600,6 @@ impl Decoder {
                     a,
                     post_attn,
                     h_mid: h.clone(),
-                    ff_denom,
                     x2,
                     g,
                     u,
@@ -610,9 +609,9 @@ impl Decoder {
             }
             h = out;
         }
-        let (y, denom) = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
+        let y = rms_norm(&h, &self.norm, cfg.rms_norm_eps, gemma)?;
         if let Some(tp) = tape {
-            tp.final_norm = Some((h, denom));
+            tp.final_norm = Some(h);
         }
         Ok(y)
     }

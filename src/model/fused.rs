@@ -609,29 +609,18 @@ impl CustomOp3 for ActBackward {
     }
 }
 
-/// RMSNorm `(y, sqrt(mean(x^2) + eps))` in two passes over each row, for tensors outside any
-/// autograd graph (the hand-written backward pairs it with [`rms_norm_backward`]). `w` is applied as
-/// `w`, or `1 + w` (Gemma). `None` where it does not apply: other devices or dtypes, or inputs that
-/// track gradients (those take the composed, differentiable form).
-pub fn rms_norm(
-    x: &Tensor,
-    w: &Tensor,
-    eps: f64,
-    one_plus: bool,
-) -> Result<Option<(Tensor, Tensor)>> {
+/// RMSNorm in two passes over each row, for tensors outside any autograd graph (the hand-written
+/// backward pairs it with [`rms_norm_backward`]). `w` is applied as `w`, or `1 + w` (Gemma). `None`
+/// where it does not apply: other devices or dtypes, or inputs that track gradients (those take the
+/// composed, differentiable form).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, one_plus: bool) -> Result<Option<Tensor>> {
     if !available(x) || x.track_op() || w.track_op() || w.dtype() != x.dtype() {
         return Ok(None);
     }
-    let n = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / n;
-    let both = x
-        .contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNormFwd { eps, one_plus })?;
-    let y = both.narrow(0, 0, rows * n)?.reshape(x.shape())?;
-    let mut ddims = x.dims().to_vec();
-    *ddims.last_mut().expect("rank >= 1") = 1;
-    let denom = both.narrow(0, rows * n, rows)?.reshape(ddims)?;
-    Ok(Some((y, denom)))
+    Ok(Some(x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        RmsNormFwd { eps, one_plus },
+    )?))
 }
 
 struct RmsNormFwd {
@@ -639,26 +628,26 @@ struct RmsNormFwd {
     one_plus: bool,
 }
 
+/// `w`, or `1 + w` for Gemma's norms.
+fn norm_weight<T: Float>(w: &[T], one_plus: bool) -> Vec<T> {
+    w.iter()
+        .map(|&v| if one_plus { v + T::from64(1.0) } else { v })
+        .collect()
+}
+
 fn rms_fwd_rows<T: Float>(x: &[T], w: &[T], eps: f64, one_plus: bool) -> Vec<T> {
     let n = w.len();
-    let rows = x.len() / n;
-    let wf: Vec<T> = w
-        .iter()
-        .map(|&v| if one_plus { v + T::from64(1.0) } else { v })
-        .collect();
-    let mut out = vec![T::from64(0.0); rows * n + rows];
-    let (y, den) = out.split_at_mut(rows * n);
+    let wf = norm_weight(w, one_plus);
+    let mut y = vec![T::from64(0.0); x.len()];
     y.par_chunks_mut(n)
-        .zip(den.par_iter_mut())
         .zip(x.par_chunks(n))
-        .for_each(|((yr, d), xr)| {
+        .for_each(|(yr, xr)| {
             let s = rms_denom(xr, eps);
-            *d = s;
             for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(&wf) {
                 *yi = xi / s * wi;
             }
         });
-    out
+    y
 }
 
 impl CustomOp2 for RmsNormFwd {
@@ -672,19 +661,17 @@ impl CustomOp2 for RmsNormFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, len) = (l2.shape().elem_count(), l1.shape().elem_count());
-        if l1.dims()[l1.dims().len() - 1] != n {
+        if l1.dims()[l1.dims().len() - 1] != l2.shape().elem_count() {
             candle_core::bail!("fused rms norm: weight does not match the last dimension");
         }
         let out = per_float!("fused rms norm"; x = s1, l1; w = s2, l2 => rms_fwd_rows(x, w, self.eps, self.one_plus));
-        Ok((out, Shape::from(len + len / n)))
+        Ok((out, l1.shape().clone()))
     }
 }
 
-/// Gradients `(dx, dw)` of [`rms_norm`] for upstream `dy`, given its input and denominators, in one
-/// pass over the rows (per-thread partial sums for `dw`). `None` where the fused form does not apply.
-/// The denominators are recomputed from `x` exactly as [`rms_norm`] computes them (a dot product per
-/// row, cheaper than passing a fourth tensor through a three-input op).
+/// Gradients `(dx, dw)` of [`rms_norm`] for upstream `dy`, given its input (denominators are
+/// recomputed as the forward computes them), in one pass over the rows (per-thread partial sums for
+/// `dw`). `None` where the fused form does not apply.
 pub fn rms_norm_backward(
     x: &Tensor,
     w: &Tensor,
@@ -728,10 +715,7 @@ fn rms_bwd_rows<T: Float>(
     one_plus: bool,
 ) -> Vec<T> {
     let rows = dy.len() / n;
-    let wf: Vec<T> = w
-        .iter()
-        .map(|&v| if one_plus { v + T::from64(1.0) } else { v })
-        .collect();
+    let wf = norm_weight(w, one_plus);
     let mut out = vec![T::from64(0.0); rows * n + n];
     let (dx, dw) = out.split_at_mut(rows * n);
     const BLOCK: usize = 64;
