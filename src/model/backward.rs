@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{Tensor, D};
 
 use super::config::{Activation, Family};
-use super::decoder::{acc, rms_denom, Decoder, Linear};
+use super::decoder::{acc, rms_denom, Decoder, Linear, GELU_C, GELU_K};
 use super::{fused, CandleContext, ModelError};
 
 type Res<T> = Result<T, ModelError>;
@@ -243,11 +243,10 @@ fn mlp_act_bwd(
             (a, da)
         }
         Activation::GeluTanh => {
-            const C: f64 = 0.797_884_560_802_865_4;
             let g2 = g.sqr()?;
-            let th = ((g + (g * &g2)? * 0.044715)? * C)?.tanh()?;
+            let th = ((g + (g * &g2)? * GELU_K)? * GELU_C)?.tanh()?;
             let a = ((g * 0.5)? * (&th + 1.0)?)?;
-            let inner = (((&g2 * (3.0 * 0.044715))? + 1.0)? * C)?;
+            let inner = (((&g2 * (3.0 * GELU_K))? + 1.0)? * GELU_C)?;
             let sech2 = th.sqr()?.affine(-1.0, 1.0)?;
             let da = (((&th + 1.0)? * 0.5)? + ((g * 0.5)? * sech2 * inner)?)?;
             (a, da)

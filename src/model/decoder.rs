@@ -165,11 +165,15 @@ pub(crate) fn rms_norm(
     }
 }
 
+/// GELU-tanh's `sqrt(2 / pi)` and cubic coefficient (also used by the fused kernels and the
+/// hand-written backward).
+pub(crate) const GELU_C: f64 = 0.797_884_560_802_865_4;
+pub(crate) const GELU_K: f64 = 0.044715;
+
 /// GELU, tanh approximation, from primitives: candle's fused `gelu` backward uses 6-digit constants,
 /// which puts its gradients ~1e-4 (relative) off transformers' on small values.
 pub(crate) fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * SQRT_2_OVER_PI)?;
+    let inner = ((x + (x.powf(3.0)? * GELU_K)?)? * GELU_C)?;
     (x * 0.5)? * (inner.tanh()? + 1.0)?
 }
 

@@ -9,6 +9,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::config::Activation;
+use super::decoder::{GELU_C, GELU_K};
 
 /// Whether the fused path applies to this tensor.
 pub fn available(t: &Tensor) -> bool {
@@ -185,10 +186,19 @@ impl Float for f64 {
     }
 }
 
-fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+/// The elements of a contiguous CPU storage slice under `l` (custom ops receive whole storages).
+pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("fused op needs a contiguous input"),
+    }
+}
+
+/// [`contiguous`] for the destination of an in-place op.
+pub(crate) fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut data[a..b]),
+        None => candle_core::bail!("in-place op needs a contiguous destination"),
     }
 }
 
@@ -495,8 +505,8 @@ fn gated_rows<T: Float>(act: Activation, g: &[T], u: &[T]) -> Vec<T> {
                 }
             }
             Activation::GeluTanh => {
-                let k = T::from64(0.044715);
-                let cst = T::from64(0.797_884_560_802_865_4);
+                let k = T::from64(GELU_K);
+                let cst = T::from64(GELU_C);
                 let half = T::from64(0.5);
                 for ((oi, &x), &up) in o.iter_mut().zip(gc).zip(uc) {
                     *oi = half * x * (one + (cst * (x + k * x * x * x)).tanh()) * up;
@@ -571,8 +581,8 @@ fn act_bwd<T: Float>(act: Activation, g: &[T], u: &[T], dm: &[T]) -> Vec<T> {
                         (x * s, s * (one + x * (one - s)))
                     }
                     Activation::GeluTanh => {
-                        let c = T::from64(0.797_884_560_802_865_4);
-                        let k = T::from64(0.044715);
+                        let c = T::from64(GELU_C);
+                        let k = T::from64(GELU_K);
                         let half = T::from64(0.5);
                         let th = (c * (x + k * x * x * x)).tanh();
                         let inner = c * (one + T::from64(3.0) * k * x * x);

@@ -4,12 +4,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{
-    backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
-};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::model::fused::{contiguous, contiguous_mut};
 use crate::model::{CandleContext, ModelError};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -206,20 +205,6 @@ struct Step {
     eps: f64,
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("in-place AdamW needs contiguous tensors"),
-    }
-}
-
-fn slice_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut v[a..b]),
-        None => candle_core::bail!("in-place AdamW needs contiguous tensors"),
-    }
-}
-
 macro_rules! moment {
     ($t:ty, $m:expr, $g:expr, $beta:expr, $square:expr) => {{
         let (b, k) = ($beta as $t, (1.0 - $beta) as $t);
@@ -249,8 +234,8 @@ impl InplaceOp2 for Moment {
             (CpuStorage::F32(m), CpuStorage::F32(g)) => {
                 moment!(
                     f32,
-                    slice_mut(m, dst_l)?,
-                    slice(g, gl)?,
+                    contiguous_mut(m, dst_l)?,
+                    contiguous(g, gl)?,
                     self.beta,
                     self.square
                 )
@@ -258,8 +243,8 @@ impl InplaceOp2 for Moment {
             (CpuStorage::F64(m), CpuStorage::F64(g)) => {
                 moment!(
                     f64,
-                    slice_mut(m, dst_l)?,
-                    slice(g, gl)?,
+                    contiguous_mut(m, dst_l)?,
+                    contiguous(g, gl)?,
                     self.beta,
                     self.square
                 )
@@ -306,18 +291,18 @@ impl InplaceOp3 for Step {
             (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
                 step!(
                     f32,
-                    slice_mut(p, dst_l)?,
-                    slice(m, ml)?,
-                    slice(v, vl)?,
+                    contiguous_mut(p, dst_l)?,
+                    contiguous(m, ml)?,
+                    contiguous(v, vl)?,
                     self
                 )
             }
             (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
                 step!(
                     f64,
-                    slice_mut(p, dst_l)?,
-                    slice(m, ml)?,
-                    slice(v, vl)?,
+                    contiguous_mut(p, dst_l)?,
+                    contiguous(m, ml)?,
+                    contiguous(v, vl)?,
                     self
                 )
             }
@@ -325,13 +310,6 @@ impl InplaceOp3 for Step {
         }
         Ok(())
     }
-}
-
-/// Collect each variable's gradient (absent = zero contribution).
-pub fn grads_of(vars: &BTreeMap<String, Var>, store: &GradStore) -> BTreeMap<String, Tensor> {
-    vars.iter()
-        .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
-        .collect()
 }
 
 /// Add `b` into `a` (gradient accumulation over micro-batches).
