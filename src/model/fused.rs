@@ -988,6 +988,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    use crate::model::max_abs_diff;
+
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let mut r = crate::generate::Rng::new(seed, 0);
         let n: usize = shape.iter().product();
@@ -1008,13 +1010,7 @@ mod tests {
             .sum_all()
             .unwrap();
         let (gf, gp) = (fused.backward().unwrap(), plain.backward().unwrap());
-        let diff = (gf.get(&x).unwrap() - gp.get(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        assert!(max_abs_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap()) < 1e-12);
         assert!(
             (fused.to_scalar::<f64>().unwrap() - plain.to_scalar::<f64>().unwrap()).abs() < 1e-12
         );
@@ -1039,13 +1035,7 @@ mod tests {
             (fused.to_scalar::<f64>().unwrap() - plain.to_scalar::<f64>().unwrap()).abs() < 1e-12
         );
         let (gf, gp) = (fused.backward().unwrap(), plain.backward().unwrap());
-        let diff = (gf.get(&x).unwrap() - gp.get(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        assert!(max_abs_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap()) < 1e-12);
     }
 
     #[test]
@@ -1056,18 +1046,11 @@ mod tests {
             let g = rand(&[m, n], 6);
             let small = small_matmul_t(&x, &w).unwrap().expect("applies");
             let gemm = x.matmul(&w.t().unwrap()).unwrap();
-            let d = (&small - &gemm).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f64>().unwrap() < 1e-12, "{m}x{k}x{n}");
+            assert!(max_abs_diff(&small, &gemm) < 1e-12, "{m}x{k}x{n}");
             let gs = (small * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let gg = (gemm * &g).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &w] {
-                let d = (gs.get(v).unwrap() - gg.get(v).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap();
-                assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+                assert!(max_abs_diff(gs.get(v).unwrap(), gg.get(v).unwrap()) < 1e-12);
             }
         }
         // f32 takes the AVX2/FMA dot product where the CPU has it; k = 75 covers its tails.
@@ -1076,8 +1059,7 @@ mod tests {
             let w = rand(&[n, k], 10).to_dtype(DType::F32).unwrap();
             let small = small_matmul_t(&x, &w).unwrap().expect("applies");
             let gemm = x.matmul(&w.t().unwrap()).unwrap();
-            let d = (&small - &gemm).unwrap().abs().unwrap().max_all().unwrap();
-            let d = d.to_scalar::<f32>().unwrap();
+            let d = max_abs_diff(&small, &gemm);
             assert!(d < 1e-3, "f32 {m}x{k}x{n}: off by {d}");
         }
         assert!(

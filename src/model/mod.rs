@@ -119,5 +119,23 @@ pub fn parse_device(s: &str) -> Result<Device, ModelError> {
     }
 }
 
+/// Largest absolute element, as f64 (test comparisons of tensors of any float dtype).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f64 {
+    t.abs()
+        .and_then(|a| {
+            a.max_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()
+        })
+        .expect("max |t|")
+}
+
+/// [`max_abs`] of `a - b`.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    max_abs(&(a - b).expect("a - b"))
+}
+
 #[cfg(test)]
 mod tests;

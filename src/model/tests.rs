@@ -417,14 +417,7 @@ fn hand_written_backward_equals_autograd_for_every_family() {
         let auto = loss(&dec).backward().unwrap();
         let traced = dec.traced_logprobs(&ids, &mask).unwrap();
         let plain = dec.token_logprobs(&ids, &mask).unwrap();
-        let d = (&traced.logps - &plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = super::max_abs_diff(&traced.logps, &plain);
         assert!(d < 1e-12, "{family}: traced forward differs by {d}");
         let hand = traced.backward(&m.neg().unwrap()).unwrap();
         assert_eq!(
@@ -436,22 +429,9 @@ fn hand_written_backward_equals_autograd_for_every_family() {
             let a = auto.get(var).unwrap();
             let h = &hand[name];
             assert_eq!(a.dims(), h.dims(), "{family} `{name}`");
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = super::max_abs(a);
             assert!(scale > 0.0, "{family}: zero gradient on `{name}`");
-            let diff = (a - h)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = super::max_abs_diff(a, h);
             assert!(
                 diff <= 1e-10 * scale.max(1.0),
                 "{family} `{name}`: hand-written gradient off by {diff} (scale {scale})"

@@ -434,20 +434,9 @@ mod tests {
                 .unwrap();
             ob.update_composed("w", &b, &g, 1e-3, bc1, bc2).unwrap();
         }
-        let d = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
-        let moved = (a.as_tensor() - &w0)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(moved.to_scalar::<f32>().unwrap() > 1e-3);
+        use crate::model::max_abs_diff;
+        assert!(max_abs_diff(a.as_tensor(), b.as_tensor()) < 1e-6);
+        assert!(max_abs_diff(a.as_tensor(), &w0) > 1e-3);
     }
 
     #[test]

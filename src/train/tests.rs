@@ -97,6 +97,18 @@ fn dpo_step_zero_matches_trl() {
     }
 }
 
+/// `data` tokenised for SFT with `ck`'s template and tokenizer.
+fn sft_objective(ck: &Checkpoint, data: &Path, max_len: usize) -> SftObjective {
+    SftObjective::load(
+        data,
+        ck.template().unwrap(),
+        ck.tokenizer().unwrap(),
+        max_len,
+        &Value::Null,
+    )
+    .unwrap()
+}
+
 /// The SFT conversations of the TRL fixture, written as a JSONL data file.
 fn trl_sft_rows(fx: &Value, dir: &Path) -> PathBuf {
     let rows: Vec<Value> = fx["sft"]["rows"]
@@ -114,14 +126,7 @@ fn sft_loss_matches_transformers_masked_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("llama")).unwrap();
     let data = trl_sft_rows(&fx, tmp.path());
-    let obj = SftObjective::load(
-        &data,
-        ck.template().unwrap(),
-        ck.tokenizer().unwrap(),
-        2048,
-        &Value::Null,
-    )
-    .unwrap();
+    let obj = sft_objective(&ck, &data, 2048);
     for (i, r) in fx["sft"]["rows"].as_array().unwrap().iter().enumerate() {
         let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
         let mask: Vec<u8> = serde_json::from_value(r["assistant_mask"].clone()).unwrap();
@@ -155,16 +160,7 @@ fn packing_changes_neither_loss_nor_gradients() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("llama")).unwrap();
     let data = trl_sft_rows(&fx, tmp.path());
-    let load = || {
-        SftObjective::load(
-            &data,
-            ck.template().unwrap(),
-            ck.tokenizer().unwrap(),
-            2048,
-            &Value::Null,
-        )
-        .unwrap()
-    };
+    let load = || sft_objective(&ck, &data, 2048);
     let plain = load();
     let mut packed = load();
     assert_eq!(packed.pack(4096), 1, "both conversations fit one row");
@@ -191,21 +187,8 @@ fn packing_changes_neither_loss_nor_gradients() {
     let (gu, gp) = (micro_grads(u), micro_grads(p));
     assert_eq!(gu.len(), gp.len());
     for (name, a) in &gu {
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - &gp[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = crate::model::max_abs(a);
+        let d = crate::model::max_abs_diff(a, &gp[name]);
         assert!(
             d <= 1e-4 * scale.max(1e-3),
             "`{name}`: packed gradient off by {d} (scale {scale})"
@@ -381,14 +364,7 @@ fn resume_after_a_crash_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("qwen2")).unwrap();
     let data = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
-    let obj = SftObjective::load(
-        &data,
-        ck.template().unwrap(),
-        ck.tokenizer().unwrap(),
-        64,
-        &Value::Null,
-    )
-    .unwrap();
+    let obj = sft_objective(&ck, &data, 64);
     let cfg = TrainConfig {
         save_steps: 3,
         ..quick_cfg(1e-3)
@@ -437,16 +413,7 @@ fn resume_refuses_changed_settings_or_data() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::open(&hf("llama")).unwrap();
     let data = write_jsonl(tmp.path(), "train.jsonl", &count_rows(0..16));
-    let load = || {
-        SftObjective::load(
-            &data,
-            ck.template().unwrap(),
-            ck.tokenizer().unwrap(),
-            64,
-            &Value::Null,
-        )
-        .unwrap()
-    };
+    let load = || sft_objective(&ck, &data, 64);
     let obj = load();
     let cfg = TrainConfig {
         save_steps: 2,
