@@ -1,7 +1,10 @@
-//! Fused CPU kernels that keep their backward pass (candle's own fused softmax has none): a last-dim
-//! softmax and a log-softmax-and-gather (the per-token log-prob of a target). Each row is one pass
-//! instead of the five or six allocating ops of the composed form, forward and backward. On other
-//! devices, and for other dtypes, callers use the composed (differentiable) ops instead.
+//! Fused CPU kernels (f32/f64). Differentiable ones keep their own backward (candle's fused softmax
+//! has none): last-dim softmax, log-softmax-and-gather, the few-row matmul used for decoding. The rest
+//! serve tensors outside autograd — the recorded forward and the hand-written backward
+//! (`model::backward`), and inference: RMSNorm, rotary embedding with the head transpose, the gated
+//! activation, and the gradients of these and of softmax / log-softmax-gather. Each is one pass over
+//! the rows instead of several allocating ops. On other devices and dtypes the functions return
+//! `None` or fall back to composed ops.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
