@@ -5,6 +5,25 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use fuselab::fs::LinkMode;
+use fuselab::store::{RecordId, RefName};
+
+/// A step key or a unique prefix of one: 4 to 64 hexadecimal digits, nothing else (it becomes a
+/// file name under `specs/`).
+#[derive(Clone, Debug)]
+pub struct KeyPrefix(pub String);
+
+impl std::str::FromStr for KeyPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KeyPrefix, String> {
+        if (4..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(KeyPrefix(s.to_ascii_lowercase()))
+        } else {
+            Err(format!(
+                "`{s}` is not a step key: expected 4 to 64 hexadecimal digits"
+            ))
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -317,7 +336,7 @@ pub struct PlanArgs {
 #[derive(Args, Debug)]
 pub struct ShowArgs {
     /// A run id, an invocation id, or an artifact digest (prefix of at least 4 hex digits).
-    pub what: String,
+    pub what: RecordId,
     #[arg(long)]
     pub json: bool,
 }
@@ -343,9 +362,9 @@ pub struct LineageArgs {
 #[derive(Args, Debug)]
 pub struct DiffArgs {
     /// Run id or invocation id.
-    pub a: String,
+    pub a: RecordId,
     /// Run id or invocation id.
-    pub b: String,
+    pub b: RecordId,
     #[arg(long)]
     pub json: bool,
 }
@@ -362,7 +381,7 @@ pub struct GcArgs {
 #[derive(Args, Debug)]
 pub struct ExecStepArgs {
     /// Step key (or unique prefix) whose spec is under the store's specs/.
-    pub key: String,
+    pub key: KeyPrefix,
     #[arg(long)]
     pub force: bool,
     /// Invocation the step belongs to (recorded in its run record).
@@ -378,9 +397,9 @@ pub enum StoreCommand {
         /// Hardlink instead of copying (no data written; the file becomes read-only).
         #[arg(long)]
         link: bool,
-        /// Pin it under refs/<name> so gc keeps it.
+        /// Pin it under refs/pins/<name> so gc keeps it (letters, digits, `-_.+@`, `/`-separated).
         #[arg(long)]
-        pin: Option<String>,
+        pin: Option<RefName>,
         #[arg(long)]
         json: bool,
     },
@@ -388,7 +407,7 @@ pub enum StoreCommand {
     Hash { path: PathBuf },
     /// Write a stored blob to stdout, verifying it.
     Cat { digest: String },
-    /// Materialise an artifact at a path that does not exist yet.
+    /// Materialise an artifact at a path that does not exist yet (verified first; all or nothing).
     Checkout {
         digest: String,
         dest: PathBuf,
@@ -400,10 +419,14 @@ pub enum StoreCommand {
 /// How `store checkout` places files.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LinkModeArg {
-    /// Reflink, else read-only hardlink, else copy.
+    /// Reflink where the filesystem can, else copy (never shares an inode with the store).
     Auto,
+    /// Copy-on-write clone; fails where the filesystem cannot.
     Reflink,
+    /// Read-only hardlinks to the objects: no space used, but an in-place edit (root ignores the
+    /// read-only bit) would corrupt the store. Only on request.
     Hardlink,
+    /// Plain, writable copies.
     Copy,
 }
 

@@ -27,31 +27,185 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Write `bytes` to `dest` atomically: temp file in `tmp_dir` (same filesystem), fsync, rename, fsync dir.
+/// Create `dir` and every missing parent, fsyncing each new directory's parent so that the new
+/// entries survive a crash (a rename into a directory whose own creation was never synced can vanish).
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(p) = cur {
+        if p.as_os_str().is_empty() || p.is_dir() {
+            break;
+        }
+        missing.push(p);
+        cur = p.parent();
+    }
+    for p in missing.into_iter().rev() {
+        match fs::create_dir(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => continue,
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = p.parent().filter(|q| !q.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// fsync every regular file and directory under `root` (the content of a tree about to be renamed
+/// into place), the root last.
+pub fn sync_tree(root: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(root)?;
+    if meta.is_dir() {
+        for e in fs::read_dir(root)? {
+            sync_tree(&e?.path())?;
+        }
+        sync_dir(root)
+    } else if meta.is_file() {
+        File::open(root)?.sync_all()
+    } else {
+        Ok(())
+    }
+}
+
+/// The one way a finished temporary file or directory becomes visible: its content is fsynced, it is
+/// renamed to `dest` (whose parents are created durably), and `dest`'s directory is fsynced. With
+/// `replace` false an existing `dest` is never overwritten (`AlreadyExists`).
+pub fn publish(tmp: &Path, dest: &Path, replace: bool) -> io::Result<()> {
+    sync_tree(tmp)?;
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dir_all_durable(parent)?;
+    if replace {
+        fs::rename(tmp, dest)?;
+    } else {
+        rename_noreplace(tmp, dest)?;
+    }
+    sync_dir(parent)?;
+    if let Some(tp) = tmp
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && *p != parent)
+    {
+        sync_dir(tp)?;
+    }
+    Ok(())
+}
+
+/// rename(2) that fails with `AlreadyExists` instead of replacing `dest` (renameat2 NOREPLACE).
+pub fn rename_noreplace(src: &Path, dest: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let s = CString::new(src.as_os_str().as_bytes())?;
+    let d = CString::new(dest.as_os_str().as_bytes())?;
+    // SAFETY: both strings are valid, NUL-terminated paths for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            s.as_ptr(),
+            libc::AT_FDCWD,
+            d.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Filesystems without RENAME_NOREPLACE: check, then rename (not atomic against a racer).
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if fs::symlink_metadata(dest).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "destination exists",
+                ));
+            }
+            fs::rename(src, dest)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Write `bytes` to `dest` atomically: temp file in `tmp_dir` (same filesystem), fsync, rename, fsync
+/// dir (and the dirs it had to create). `durable: false` skips the fsyncs, for caches.
 pub fn atomic_write(tmp_dir: &Path, dest: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let tmp = tmp_dir.join(unique_name("w"));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
         drop(f);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        fs::rename(&tmp, dest)?;
         if durable {
+            publish(&tmp, dest, true)
+        } else {
             if let Some(parent) = dest.parent() {
-                sync_dir(parent)?;
+                fs::create_dir_all(parent)?;
             }
+            fs::rename(&tmp, dest)
         }
-        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Write `bytes` to `dest` atomically using a temp file beside it (for files outside the store).
+pub fn write_durable(dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dir_all_durable(dir)?;
+    atomic_write(dir, dest, bytes, true)
+}
+
+/// A temporary directory beside `dest` (same filesystem, so publishing it is a rename), named so
+/// that it is recognisably ours: `.<name>.tmp-<unique>`.
+pub fn temp_dir_beside(dest: &Path) -> io::Result<PathBuf> {
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dir_all_durable(parent)?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = parent.join(unique_name(&format!(".{name}.tmp")));
+    fs::create_dir(&tmp)?;
+    Ok(tmp)
+}
+
+/// Refuse anything but a regular file (a FIFO would block the reader forever, a device never ends).
+pub fn require_regular(path: &Path) -> io::Result<fs::Metadata> {
+    let meta = fs::metadata(path)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            let ft = meta.file_type();
+            if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}; only regular files are read"),
+        ));
+    }
+    Ok(meta)
 }
 
 /// Remove write permission for everyone (objects in the store are immutable).
@@ -66,6 +220,17 @@ pub fn set_writable(path: &Path) -> io::Result<()> {
     let mut perms = fs::symlink_metadata(path)?.permissions();
     perms.set_mode(perms.mode() | 0o200);
     fs::set_permissions(path, perms)
+}
+
+/// Make every directory under `root` (and `root`) read-only; files keep their modes.
+pub fn set_tree_readonly(root: &Path) -> io::Result<()> {
+    for e in fs::read_dir(root)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            set_tree_readonly(&e.path())?;
+        }
+    }
+    set_readonly(root)
 }
 
 /// Recursively delete a directory even if it contains read-only directories.
@@ -93,7 +258,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkMode {
-    /// Try reflink, then a read-only hardlink, then a copy.
+    /// Reflink where the filesystem can, else copy: the result never shares an inode with an object.
     Auto,
     /// Copy-on-write clone (btrfs, xfs, apfs); fails elsewhere.
     Reflink,
@@ -157,10 +322,8 @@ pub fn place(src: &Path, dest: &Path, mode: LinkMode) -> io::Result<LinkMode> {
         }
         LinkMode::Auto => {
             if reflink(src, dest).is_ok() {
+                set_writable(dest)?;
                 return Ok(LinkMode::Reflink);
-            }
-            if fs::hard_link(src, dest).is_ok() {
-                return Ok(LinkMode::Hardlink);
             }
             place(src, dest, LinkMode::Copy)
         }

@@ -8,6 +8,13 @@ use clap::Parser;
 use cli::{Cli, Command};
 
 fn main() {
+    // Rust ignores SIGPIPE, so `fuselab fsck | head -1` made println! panic on the closed pipe.
+    // Restore the Unix default: a reader that stops reading ends the writer quietly. Every command
+    // prints its results after its work is done, so the signal never interrupts a store mutation.
+    // SAFETY: setting a signal disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     fuselab::util::tune_allocator();
     let cli = Cli::parse();
     let store = cli.store.as_path();

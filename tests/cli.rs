@@ -144,7 +144,7 @@ mod code_version {
     #[test]
     fn editing_a_steps_code_version_reexecutes_it_and_its_descendants() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let store = Store::open_or_create(dir.path().join("artifacts")).unwrap();
         let v1 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 1));
         let v2 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 2));
         let v3 = ExperimentDef::new("versions", "", |e, p: &P| build(e, p, 3));
@@ -647,7 +647,7 @@ mod panics {
     #[test]
     fn a_panicking_step_fails_cleanly() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let store = Store::open_or_create(dir.path().join("artifacts")).unwrap();
         let def = ExperimentDef::new("panics", "", build);
         let exp = def.instantiate(def.defaults()).unwrap();
         let opts = crate::util::quiet_options(1, dir.path().to_path_buf());
@@ -658,7 +658,7 @@ mod panics {
             "{err}"
         );
         let records = Records::new(&store);
-        let runs = records.runs().unwrap();
+        let (runs, _) = records.runs().unwrap();
         let boom: Vec<_> = runs.iter().filter(|r| r.step == "boom").collect();
         assert_eq!(boom.len(), 1);
         assert_eq!(boom[0].status, recipe::records::RunStatus::Failed);
@@ -1240,7 +1240,7 @@ mod work_dir {
     #[test]
     fn work_dir_survives_a_failed_attempt_and_is_cleared_on_success() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("artifacts")).unwrap();
+        let store = Store::open_or_create(dir.path().join("artifacts")).unwrap();
         let def = ExperimentDef::new("resumable", "", build);
         let exp = def.instantiate(def.defaults()).unwrap();
         let opts = || crate::util::quiet_options(1, dir.path().to_path_buf());

@@ -7,7 +7,7 @@ use fuselab::experiments::registry;
 use fuselab::recipe::lineage::{Direction, LineageIndex};
 use fuselab::recipe::records::{Invocation, Records, RunRecord};
 use fuselab::recipe::{flatten, RecipeError, StepStatus};
-use fuselab::store::{Digest, Store, StoreError};
+use fuselab::store::{Digest, RecordId, Store, StoreError};
 use serde_json::{json, Value};
 
 use super::{human_bytes, open_store, print_json, Status};
@@ -144,8 +144,7 @@ fn resolve_digest(store: &Store, index: &LineageIndex, text: &str) -> anyhow::Re
 pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
     let store = open_store(store_path)?;
     let records = Records::new(&store);
-    let safe_id = !args.what.contains(['/', '\\']) && !args.what.is_empty();
-    if safe_id {
+    {
         if let Some(r) = records.run(&args.what)? {
             if args.json {
                 print_json(&r);
@@ -184,20 +183,20 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
             return Ok(0);
         }
     }
-    if !args.what.chars().all(|c| c.is_ascii_hexdigit()) {
+    if !args.what.as_str().chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(RecipeError::NotFound {
-            what: args.what.clone(),
+            what: args.what.to_string(),
         }
         .into());
     }
-    let index = LineageIndex::new(records.runs()?);
-    let d = resolve_digest(&store, &index, &args.what)?;
+    let runs = readable_runs(&records)?;
+    let index = LineageIndex::new(runs.clone());
+    let d = resolve_digest(&store, &index, args.what.as_str())?;
     let tree = store.read_tree(&d).ok();
     let size = std::fs::metadata(store.object_path(&d))
         .map(|m| m.len())
         .ok();
-    let producers: Vec<Value> = records
-        .runs()?
+    let producers: Vec<Value> = runs
         .into_iter()
         .filter(|r| r.outputs.as_ref().is_some_and(|o| o.digest == d))
         .map(|r| json!({"run_id": r.run_id, "experiment": r.experiment, "step": r.step, "source_path": r.source_path}))
@@ -247,7 +246,7 @@ pub fn show(store_path: &std::path::Path, args: &ShowArgs) -> Status {
 pub fn lineage(store_path: &std::path::Path, args: &LineageArgs) -> Status {
     let store = open_store(store_path)?;
     let records = Records::new(&store);
-    let index = LineageIndex::new(records.runs()?);
+    let index = LineageIndex::new(readable_runs(&records)?);
     let d = resolve_digest(&store, &index, &args.digest)?;
     if !index.knows(&d) {
         bail!("no run record mentions artifact {d}: it was not produced or consumed by any step");
@@ -266,8 +265,22 @@ pub fn lineage(store_path: &std::path::Path, args: &LineageArgs) -> Status {
     Ok(0)
 }
 
+/// The run records that parse; the others are named on stderr (fsck lists them too) rather than
+/// stopping the command.
+fn readable_runs(records: &Records) -> anyhow::Result<Vec<RunRecord>> {
+    let (runs, bad) = records.runs()?;
+    for b in bad {
+        eprintln!(
+            "warning: skipping unreadable run record {}: {}",
+            b.path.display(),
+            b.reason
+        );
+    }
+    Ok(runs)
+}
+
 /// A run or an invocation, flattened to comparable `key -> value` pairs.
-fn flatten_target(records: &Records, id: &str) -> anyhow::Result<BTreeMap<String, Value>> {
+fn flatten_target(records: &Records, id: &RecordId) -> anyhow::Result<BTreeMap<String, Value>> {
     let run_view = |r: &RunRecord| -> BTreeMap<String, Value> {
         let mut v = json!({
             "step": format!("{}/{}", r.experiment, r.step),
@@ -304,7 +317,8 @@ fn flatten_target(records: &Records, id: &str) -> anyhow::Result<BTreeMap<String
             if let Some(r) = s
                 .run_id
                 .as_deref()
-                .map(|id| records.run(id))
+                .and_then(|id| id.parse::<RecordId>().ok())
+                .map(|id| records.run(&id))
                 .transpose()?
                 .flatten()
             {

@@ -21,8 +21,14 @@ use indicatif::{MultiProgress, ProgressDrawTarget};
 /// Exit status of a command that ran to completion: 0, or 1 when a check found problems.
 pub type Status = anyhow::Result<i32>;
 
+/// Open an existing store (every command but `run` and `store add`).
 pub fn open_store(path: &std::path::Path) -> anyhow::Result<Store> {
     Store::open(path).with_context(|| format!("opening the store at {}", path.display()))
+}
+
+/// Open the store, creating it in a missing or empty directory (`run`, `store add`).
+pub fn create_store(path: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open_or_create(path).with_context(|| format!("opening the store at {}", path.display()))
 }
 
 /// Progress bars on stderr, drawn only when it is a terminal.

@@ -1,9 +1,10 @@
 //! `run`, `plan`, `verify`, `exec-step`: the commands that execute experiments.
 
+use anyhow::Context;
 use fuselab::experiments::registry;
 use fuselab::recipe::{self, ExecutorKind, PlanStatus, RunOptions, StepStatus, VerifyStatus};
 
-use super::{open_store, print_json, progress, project_dir, Status};
+use super::{create_store, open_store, print_json, progress, project_dir, Status};
 use crate::cli::{ExecStepArgs, ExecutorArg, ExperimentArgs, PlanArgs, RunArgs};
 
 fn instantiate(args: &ExperimentArgs) -> anyhow::Result<recipe::Experiment> {
@@ -15,7 +16,7 @@ fn instantiate(args: &ExperimentArgs) -> anyhow::Result<recipe::Experiment> {
 
 pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
     let exp = instantiate(&args.exp)?;
-    let store = open_store(store_path)?;
+    let store = create_store(store_path)?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -66,7 +67,12 @@ pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
 
 pub fn plan(store_path: &std::path::Path, args: &PlanArgs) -> Status {
     let exp = instantiate(&args.exp)?;
-    let store = open_store(store_path)?;
+    let store = if args.write_specs {
+        create_store(store_path)?
+    } else {
+        fuselab::store::Store::open_or_absent(store_path)
+            .with_context(|| format!("opening the store at {}", store_path.display()))?
+    };
     let entries = recipe::plan(&store, &exp, &project_dir()?, args.write_specs)?;
     if args.exp.json {
         print_json(&entries);
@@ -141,7 +147,7 @@ pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
     let (spec, done) = recipe::exec_step(
         &store,
         &registry(),
-        &args.key,
+        &args.key.0,
         args.force,
         &project_dir()?,
         args.invocation.clone(),

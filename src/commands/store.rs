@@ -4,13 +4,20 @@ use fuselab::recipe::records::Records;
 use fuselab::store::{Ingest, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{human_bytes, open_store, print_json, Status};
+use super::{create_store, human_bytes, open_store, print_json, Status};
 use crate::cli::{GcArgs, JsonFlag, StoreCommand};
 
 pub fn gc(store_path: &std::path::Path, args: &GcArgs) -> Status {
     let store = open_store(store_path)?;
-    let roots = Records::new(&store).roots()?;
-    let report = store.gc(&roots, args.dry_run)?;
+    // The roots are read by the library under gc's exclusive lock, never before it.
+    let report = store.gc(
+        |s| Ok(Records::new(s).roots()?),
+        args.dry_run,
+        || eprintln!("waiting for other fuselab processes using this store to finish..."),
+    )?;
+    for why in &report.kept_everything_because {
+        eprintln!("warning: kept every object: {why}");
+    }
     if args.json {
         print_json(&report);
         return Ok(0);
@@ -61,6 +68,22 @@ pub fn fsck(store_path: &std::path::Path, args: &JsonFlag) -> Status {
         for s in &report.stray_files {
             println!("stray    {}", s.display());
         }
+        for t in &report.unreadable_trees {
+            println!(
+                "tree     {} referenced by {} cannot be read ({}): its files are unchecked",
+                t.digest, t.referenced_by, t.reason
+            );
+        }
+        for u in &report.unreadable_records {
+            println!("record   {} cannot be read: {}", u.path.display(), u.reason);
+        }
+        for c in &report.damaged_checkouts {
+            println!(
+                "checkout {} is damaged: {} (rebuilt on next use; gc removes it)",
+                c.path.display(),
+                c.reason
+            );
+        }
         for o in &report.orphaned {
             println!("orphaned {o} (nothing references it; `fuselab gc` removes it)");
         }
@@ -94,13 +117,13 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
             pin,
             json,
         } => {
-            let store = open_store(store_path)?;
+            let store = create_store(store_path)?;
             let _lock = store.lock_shared()?;
             let ingest = if *link { Ingest::Link } else { Ingest::Copy };
             let a = store.put_path_with(path, ingest)?;
             if let Some(name) = pin {
                 store.set_ref(
-                    &format!("pins/{name}"),
+                    &name.under("pins"),
                     [(path.display().to_string(), a.clone())]
                         .into_iter()
                         .collect(),
@@ -120,23 +143,8 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
         StoreCommand::Checkout { digest, dest, mode } => {
             let store = open_store(store_path)?;
             let d = store.resolve_prefix(digest)?;
-            let kind = if store.read_tree(&d).is_ok() {
-                fuselab::store::ArtifactKind::Tree
-            } else {
-                fuselab::store::ArtifactKind::Blob
-            };
-            let size = std::fs::metadata(store.object_path(&d))
-                .map(|m| m.len())
-                .unwrap_or(0);
-            store.checkout(
-                &fuselab::store::ArtifactRef {
-                    kind,
-                    digest: d,
-                    size,
-                },
-                dest,
-                (*mode).into(),
-            )?;
+            let artifact = store.artifact_of(&d)?;
+            store.checkout(&artifact, dest, (*mode).into())?;
             eprintln!("checked out {} at {}", d.short(), dest.display());
         }
     }

@@ -176,7 +176,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 /// the outputs) and the metrics; on failure the scratch directory is already removed.
 fn invoke_body(
     store: &Store,
-    records: &Records,
+    work: PathBuf,
     spec: &StepSpec,
     body: &Body,
     progress: &MultiProgress,
@@ -195,7 +195,7 @@ fn invoke_body(
         step: spec.step.clone(),
         inputs,
         out,
-        work: records.work_dir(&spec.key),
+        work,
         params: spec.params.clone(),
         seed: spec.seed,
         metrics: BTreeMap::new(),
@@ -287,13 +287,13 @@ pub fn execute_locked(
     spinner.set_prefix(spec.step.clone());
     spinner.enable_steady_tick(Duration::from_millis(120));
     let started = unix_now();
-    let outcome = invoke_body(&env.store, &env.records, spec, body, &env.progress).and_then(
-        |(scratch, metrics)| {
+    let work = env.records.work_dir(&spec.key);
+    let outcome =
+        invoke_body(&env.store, work, spec, body, &env.progress).and_then(|(scratch, metrics)| {
             let stored = env.store.put_owned_dir(&scratch.join("out"));
             let _ = xfs::remove_tree(&scratch);
             Ok((stored?, metrics))
-        },
-    );
+        });
     spinner.finish_and_clear();
     let run_id = new_id(started, &spec.key.short());
     let mut record = base_record(env, spec, run_id.clone(), started);
@@ -360,6 +360,25 @@ impl Executor for Subprocess {
         }
         if force {
             cmd.arg("--force");
+        }
+        // The child dies with the thread that spawned it: a `kill -9` of `fuselab run` must not leave
+        // an `exec-step` running on (holding the step lock, writing into the store).
+        {
+            use std::os::unix::process::CommandExt;
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died between fork and prctl.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::other("parent exited"));
+                    }
+                    Ok(())
+                });
+            }
         }
         let out = cmd.output().at(&exe)?;
         if !out.status.success() {
@@ -772,7 +791,8 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
             .iter()
             .filter_map(|s| s.outputs.clone().map(|o| (s.step.clone(), o)))
             .collect();
-        store.set_ref(&format!("experiments/{}", exp.name), pins)?;
+        let name: crate::store::RefName = format!("experiments/{}", exp.name).parse()?;
+        store.set_ref(&name, pins)?;
     }
     Ok(RunReport {
         invocation,
@@ -1022,7 +1042,15 @@ pub fn verify(
                     progress,
                     &format!("  verify  {:<16} {}", node.def.name, spec.key.short()),
                 );
-                match invoke_body(store, &records, &spec, body, progress) {
+                // The step's lock keeps verify from racing a `run` of the same key, and a private
+                // work dir keeps verify's checkpoints from ever being resumed by a later run (or a
+                // later verify): each re-execution starts from nothing, and leaves nothing.
+                let lock_path = records.lock_path(&spec.key);
+                let _step_lock = FileLock::lock(&lock_path, true).at(&lock_path)?;
+                let work = store.scratch_dir("verify-work")?;
+                let result = invoke_body(store, work.clone(), &spec, body, progress);
+                let _ = xfs::remove_tree(&work);
+                match result {
                     Err(e) => out.push(entry(
                         VerifyStatus::Failed,
                         Some(spec.key),

@@ -21,9 +21,14 @@ use serde_json::Value;
 use super::key::{cargo_lock_digest, fuselab_version};
 use super::{RecipeError, Result, SpecInput, StepSpec};
 use crate::fs::{self as xfs, IoContext, PathError};
-use crate::store::{ArtifactKind, ArtifactRef, Digest, Root, Store};
+use crate::store::{
+    ArtifactKind, ArtifactRef, Digest, RecordId, Root, RootSet, Store, UnreadableFile,
+};
 
 pub const RECORD_FORMAT: u32 = 1;
+
+/// Cache entries with the file each was read from.
+pub type CacheEntries = Vec<(PathBuf, CacheEntry)>;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CacheEntry {
@@ -224,10 +229,16 @@ impl Records {
         self.dir("keys").join(format!("{key}.json"))
     }
 
-    /// The cache entry for `key`, if its outputs are still present.
+    /// The cache entry for `key`, if its outputs are still present. An entry that cannot be parsed
+    /// (torn by a crash, edited by hand) or that names another key is a miss: the step runs again and
+    /// its new entry replaces the bad one.
     pub fn cache_get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
-        let entry: Option<CacheEntry> = read_json(&self.cache_path(key))?;
-        Ok(entry.filter(|e| self.store.has(&e.outputs.digest)))
+        let entry: Option<CacheEntry> = match read_json(&self.cache_path(key)) {
+            Ok(e) => e,
+            Err(RecipeError::BadRecord { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(entry.filter(|e| &e.key == key && self.store.has(&e.outputs.digest)))
     }
 
     pub fn cache_put(&self, entry: &CacheEntry) -> Result<()> {
@@ -235,13 +246,23 @@ impl Records {
     }
 
     pub fn cache_entries(&self) -> Result<Vec<(PathBuf, CacheEntry)>> {
-        let mut out = Vec::new();
+        Ok(self.cache_entries_lenient()?.0)
+    }
+
+    /// Every cache entry that parses, and the files that do not.
+    pub fn cache_entries_lenient(&self) -> Result<(CacheEntries, Vec<UnreadableFile>)> {
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
         for p in list_json(&self.dir("keys"))? {
-            if let Some(e) = read_json(&p)? {
-                out.push((p, e));
+            match read_json(&p) {
+                Ok(Some(e)) => out.push((p, e)),
+                Ok(None) => {}
+                Err(RecipeError::BadRecord { path, reason }) => {
+                    bad.push(UnreadableFile { path, reason })
+                }
+                Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok((out, bad))
     }
 
     pub fn write_run(&self, r: &RunRecord) -> Result<()> {
@@ -252,16 +273,22 @@ impl Records {
         )
     }
 
-    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+    pub fn run(&self, run_id: &RecordId) -> Result<Option<RunRecord>> {
         read_json(&self.dir("runs").join(format!("{run_id}.json")))
     }
 
-    /// Every run record, oldest first.
-    pub fn runs(&self) -> Result<Vec<RunRecord>> {
-        let mut out = Vec::new();
+    /// Every run record that can be read, oldest first, and the record files that cannot (a
+    /// truncated record must not stop the tools that diagnose it).
+    pub fn runs(&self) -> Result<(Vec<RunRecord>, Vec<UnreadableFile>)> {
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
         for p in list_json(&self.dir("runs"))? {
-            if let Some(r) = read_json::<RunRecord>(&p)? {
-                out.push(r);
+            match read_json::<RunRecord>(&p) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(RecipeError::BadRecord { path, reason }) => {
+                    bad.push(UnreadableFile { path, reason })
+                }
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| {
@@ -269,7 +296,7 @@ impl Records {
                 .cmp(&b.started_at)
                 .then(a.run_id.cmp(&b.run_id))
         });
-        Ok(out)
+        Ok((out, bad))
     }
 
     pub fn write_invocation(&self, inv: &Invocation) -> Result<()> {
@@ -281,7 +308,7 @@ impl Records {
         )
     }
 
-    pub fn invocation(&self, id: &str) -> Result<Option<Invocation>> {
+    pub fn invocation(&self, id: &RecordId) -> Result<Option<Invocation>> {
         read_json(&self.dir("invocations").join(format!("{id}.json")))
     }
 
@@ -289,7 +316,8 @@ impl Records {
     pub fn invocations(&self) -> Result<Vec<Invocation>> {
         let mut out = Vec::new();
         for p in list_json(&self.dir("invocations"))?.into_iter().rev() {
-            if let Some(i) = read_json(&p)? {
+            // An index for humans (written without fsync): a torn one is skipped.
+            if let Ok(Some(i)) = read_json(&p) {
                 out.push(i);
             }
         }
@@ -304,7 +332,16 @@ impl Records {
         self.write(&self.spec_path(&spec.key), spec, true)
     }
 
+    /// The spec of `key`: a full key or a unique prefix (hex digits only, so it names a file in
+    /// `specs/` and nothing else).
     pub fn spec(&self, key: &str) -> Result<StepSpec> {
+        if key.len() < 4 || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RecipeError::UnknownKey {
+                key: format!("{key} (a key is 4 to 64 hexadecimal digits)"),
+            });
+        }
+        let key = key.to_ascii_lowercase();
+        let key = key.as_str();
         let path = if key.len() == 64 {
             self.dir("specs").join(format!("{key}.json"))
         } else {
@@ -340,9 +377,12 @@ impl Records {
 
     /// Everything that must survive gc: outputs, inputs and stored diffs of every run record, every
     /// cache entry, and the pinned refs.
-    pub fn roots(&self) -> Result<Vec<Root>> {
-        let mut roots = self.store.refs()?;
-        for r in self.runs()? {
+    pub fn roots(&self) -> Result<RootSet> {
+        let mut set = self.store.refs()?;
+        let (runs, bad_runs) = self.runs()?;
+        set.unreadable.extend(bad_runs);
+        let roots = &mut set.roots;
+        for r in runs {
             let origin = format!("run {} ({}/{})", r.run_id, r.experiment, r.step);
             if let Some(o) = &r.outputs {
                 roots.push(Root {
@@ -367,13 +407,17 @@ impl Records {
                 });
             }
         }
-        for (p, e) in self.cache_entries()? {
+        let (entries, bad_entries) = self.cache_entries_lenient()?;
+        for (p, e) in entries {
             roots.push(Root {
                 artifact: e.outputs,
                 origin: format!("cache entry {}", p.display()),
             });
         }
-        Ok(roots)
+        // A torn cache entry only names outputs that its run record names too (the record is
+        // written first), so it does not make reachability unknowable; fsck still reports it.
+        set.torn_cache_entries.extend(bad_entries);
+        Ok(set)
     }
 }
 

@@ -13,9 +13,11 @@
 //! The recipe engine keeps its own directories (keys/, runs/, invocations/, locks/, specs/) beside these.
 
 mod digest;
+mod names;
 mod tree;
 
 pub use digest::Digest;
+pub use names::{RecordId, RefName};
 pub use tree::{Tree, TreeEntry};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,6 +98,16 @@ pub enum StoreError {
     },
     #[error("`{text}` is not a digest: {reason}")]
     BadDigest { text: String, reason: String },
+    #[error("{}: not a fuselab store (no FORMAT file); only `run` and `store add` create a store, and only in an empty or missing directory", path.display())]
+    NotAStore { path: PathBuf },
+    #[error("{}: not a fuselab store and not empty; refusing to turn it into one", path.display())]
+    ForeignDirectory { path: PathBuf },
+    #[error("`{text}` is not a valid {what}: {reason}")]
+    BadName {
+        what: &'static str,
+        text: String,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -116,6 +128,23 @@ struct StatEntry {
     path: PathBuf,
     stat: StatKey,
     digest: Digest,
+    /// When the entry was made (ns since the epoch). Entries older than format 2 lack it and are
+    /// never trusted.
+    #[serde(default)]
+    cached_at_ns: i128,
+}
+
+/// A file whose mtime or ctime lies this close to the moment its digest was cached may have been
+/// rewritten within the same timestamp tick, with identical stat, after it was hashed (git's
+/// "racy clean" problem). Such entries are not trusted: the file is hashed again. Two seconds covers
+/// the coarsest common timestamps (FAT's); ext4/xfs/btrfs tick far finer.
+const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
 /// The result of checking every object.
@@ -133,6 +162,12 @@ pub struct FsckReport {
     pub stray_files: Vec<PathBuf>,
     /// Temporary files left behind by interrupted writers (removed by gc).
     pub temp_files: usize,
+    /// Tree manifests a root names that cannot be read: their files cannot be checked for presence.
+    pub unreadable_trees: Vec<UnreadableTree>,
+    /// Run records, cache entries or refs that cannot be parsed.
+    pub unreadable_records: Vec<UnreadableFile>,
+    /// Materialised checkouts that differ from their tree (rebuilt on next use; gc removes them).
+    pub damaged_checkouts: Vec<DamagedCheckout>,
 }
 
 #[derive(Debug, Serialize)]
@@ -151,7 +186,12 @@ pub struct MissingRef {
 impl FsckReport {
     /// Clean means: nothing corrupt, nothing missing, nothing unexplained in objects/.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.missing.is_empty() && self.stray_files.is_empty()
+        self.corrupt.is_empty()
+            && self.missing.is_empty()
+            && self.stray_files.is_empty()
+            && self.unreadable_trees.is_empty()
+            && self.unreadable_records.is_empty()
+            && self.damaged_checkouts.is_empty()
     }
 }
 
@@ -164,6 +204,68 @@ pub struct GcReport {
     pub removed_temp_files: usize,
     pub bytes_freed: u64,
     pub objects_kept: usize,
+    /// Why no object was removed: unreadable records or tree manifests make reachability unknowable.
+    pub kept_everything_because: Vec<String>,
+}
+
+/// The roots gc and fsck start from, and the files that should have held roots but cannot be read.
+#[derive(Debug, Default, Clone)]
+pub struct RootSet {
+    pub roots: Vec<Root>,
+    /// Files that may name roots but cannot be read: gc keeps every object while any exist.
+    pub unreadable: Vec<UnreadableFile>,
+    /// Torn cache entries: reported by fsck, but they name nothing their run record does not.
+    pub torn_cache_entries: Vec<UnreadableFile>,
+}
+
+impl From<Vec<Root>> for RootSet {
+    fn from(roots: Vec<Root>) -> RootSet {
+        RootSet {
+            roots,
+            ..Default::default()
+        }
+    }
+}
+
+/// A record, ref or cache file that exists but cannot be parsed.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnreadableFile {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UnreadableTree {
+    pub digest: Digest,
+    pub referenced_by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DamagedCheckout {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Reach {
+    seen: BTreeSet<Digest>,
+    missing: Vec<MissingRef>,
+    unreadable_trees: Vec<UnreadableTree>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the gc roots")]
+    Roots(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<PathError> for GcError {
+    fn from(e: PathError) -> GcError {
+        GcError::Store(e.into())
+    }
 }
 
 /// A root of reachability for fsck and gc, with a description for messages.
@@ -174,39 +276,76 @@ pub struct Root {
 }
 
 impl Store {
-    /// Open (creating if needed) the store at `root`.
+    /// Open the existing store at `root`; a directory without `FORMAT` is refused, so a typo in
+    /// `--store` can never make `gc` clean up someone else's `tmp/`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         let store = Store { root };
         let format_path = store.root.join("FORMAT");
         match fs::read(&format_path) {
-            Ok(bytes) => {
-                let f: FormatFile =
-                    serde_json::from_slice(&bytes).map_err(|e| StoreError::BadFormatFile {
-                        path: format_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if f.store_format > STORE_FORMAT {
-                    return Err(StoreError::NewerFormat {
-                        path: format_path,
-                        found: f.store_format,
-                        supported: STORE_FORMAT,
-                    });
-                }
-            }
+            Ok(bytes) => store.check_format(&format_path, &bytes)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                for d in ["objects", "tmp", "statcache", "checkouts", "refs"] {
-                    fs::create_dir_all(store.root.join(d)).at(&store.root.join(d))?;
-                }
-                let bytes = serde_json::to_vec(&FormatFile {
-                    store_format: STORE_FORMAT,
-                })
-                .expect("serialises");
-                xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true).at(&format_path)?;
+                return Err(StoreError::NotAStore { path: store.root })
             }
             Err(e) => return Err(PathError::new(&format_path, e).into()),
         }
         Ok(store)
+    }
+
+    /// Open the store at `root`, creating it when the directory is missing or empty (what `run` and
+    /// `store add` do). A non-empty directory without `FORMAT` is refused.
+    pub fn open_or_create(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        let format_path = root.join("FORMAT");
+        if format_path.exists() {
+            return Store::open(root);
+        }
+        match fs::read_dir(&root) {
+            Ok(mut rd) => {
+                if rd.next().is_some() {
+                    return Err(StoreError::ForeignDirectory { path: root });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PathError::new(&root, e).into()),
+        }
+        let store = Store { root };
+        for d in ["objects", "tmp", "statcache", "checkouts", "refs"] {
+            let p = store.root.join(d);
+            xfs::create_dir_all_durable(&p).at(&p)?;
+        }
+        let bytes = serde_json::to_vec(&FormatFile {
+            store_format: STORE_FORMAT,
+        })
+        .expect("serialises");
+        xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true).at(&format_path)?;
+        Ok(store)
+    }
+
+    /// For read-only views (`plan`) of a store that may not exist yet: a missing directory reads as
+    /// an empty store and nothing is created; an existing one must be a store.
+    pub fn open_or_absent(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        if !root.exists() {
+            return Ok(Store { root });
+        }
+        Store::open(root)
+    }
+
+    fn check_format(&self, format_path: &Path, bytes: &[u8]) -> Result<()> {
+        let f: FormatFile =
+            serde_json::from_slice(bytes).map_err(|e| StoreError::BadFormatFile {
+                path: format_path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        if f.store_format > STORE_FORMAT {
+            return Err(StoreError::NewerFormat {
+                path: format_path.to_path_buf(),
+                found: f.store_format,
+                supported: STORE_FORMAT,
+            });
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -239,21 +378,28 @@ impl Store {
         self.object_path(d).is_file()
     }
 
-    /// Move a complete, fsynced temporary file into place as object `d`.
+    /// Move a complete, fsynced temporary file into place as object `d`. An object already there is
+    /// kept only if it verifies; a corrupt one is replaced by this good copy (re-running the step
+    /// that produced an object repairs it).
     fn install(&self, tmp: &Path, d: &Digest) -> Result<()> {
         let dest = self.object_path(d);
         let dir = dest.parent().expect("object paths have a parent");
-        fs::create_dir_all(dir).at(dir)?;
+        xfs::create_dir_all_durable(dir).at(dir)?;
         xfs::set_readonly(tmp).at(tmp)?;
         fs::rename(tmp, &dest).at(&dest)?;
         xfs::sync_dir(dir).at(dir)?;
         Ok(())
     }
 
+    /// True when object `d` is present and its content hashes to its name.
+    fn has_intact(&self, d: &Digest) -> bool {
+        self.has(d) && self.verify_object(d).is_ok()
+    }
+
     /// Store bytes; returns their digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest> {
         let d = Digest(*blake3::hash(bytes).as_bytes());
-        if !self.has(&d) {
+        if !self.has_intact(&d) {
             let tmp = self.tmp_dir().join(xfs::unique_name("obj"));
             let write = || -> io::Result<()> {
                 let mut f = fs::File::create(&tmp)?;
@@ -274,6 +420,7 @@ impl Store {
 
     /// Hash a file by streaming it (memory-mapped, multithreaded for large files).
     pub fn hash_file(path: &Path) -> Result<Digest> {
+        xfs::require_regular(path).at(path)?;
         let mut h = blake3::Hasher::new();
         h.update_mmap_rayon(path).at(path)?;
         Ok(Digest(*h.finalize().as_bytes()))
@@ -287,7 +434,8 @@ impl Store {
     fn statcache_get(&self, abs: &Path, stat: &StatKey) -> Option<Digest> {
         let bytes = fs::read(self.statcache_path(abs)).ok()?;
         let e: StatEntry = serde_json::from_slice(&bytes).ok()?;
-        (e.path == abs && &e.stat == stat).then_some(e.digest)
+        let settled = e.stat.mtime_ns.max(e.stat.ctime_ns) + RACY_WINDOW_NS <= e.cached_at_ns;
+        (e.path == abs && &e.stat == stat && settled).then_some(e.digest)
     }
 
     fn statcache_put(&self, abs: &Path, stat: StatKey, digest: Digest) {
@@ -295,6 +443,7 @@ impl Store {
             path: abs.to_path_buf(),
             stat,
             digest,
+            cached_at_ns: now_ns(),
         };
         let bytes = serde_json::to_vec(&entry).expect("serialises");
         // A cache: losing an entry only costs a re-hash, so no fsync.
@@ -330,7 +479,7 @@ impl Store {
         }
         let d = Self::hash_file(&abs)?;
         let mut stat = stat;
-        if !self.has(&d) {
+        if !self.has_intact(&d) {
             let tmp = self.tmp_dir().join(xfs::unique_name("obj"));
             let placed = match ingest {
                 Ingest::Link => match fs::hard_link(&abs, &tmp) {
@@ -373,7 +522,7 @@ impl Store {
     fn put_owned_file(&self, path: &Path) -> Result<(Digest, u64)> {
         let d = Self::hash_file(path)?;
         let size = fs::metadata(path).at(path)?.len();
-        if self.has(&d) {
+        if self.has_intact(&d) {
             fs::remove_file(path).at(path)?;
         } else {
             fs::File::open(path).and_then(|f| f.sync_all()).at(path)?;
@@ -598,44 +747,129 @@ impl Store {
         }
     }
 
-    /// Check out an artifact at `dest` (which must not exist).
+    /// The kind of a stored object, told by content: a tree is an object that parses as a manifest.
+    /// The object is verified first, so a corrupt tree is an error, never mistaken for a blob.
+    pub fn artifact_of(&self, d: &Digest) -> Result<ArtifactRef> {
+        let p = self.object_path(d);
+        let size = fs::metadata(&p)
+            .map_err(|_| StoreError::MissingObject { digest: *d })?
+            .len();
+        self.verify_object(d)?;
+        let bytes = self.read_bytes(d)?;
+        Ok(match Tree::from_bytes(&bytes) {
+            Ok(t) => ArtifactRef {
+                kind: ArtifactKind::Tree,
+                digest: *d,
+                size: t.size(),
+            },
+            Err(_) => ArtifactRef {
+                kind: ArtifactKind::Blob,
+                digest: *d,
+                size,
+            },
+        })
+    }
+
+    /// Check out an artifact at `dest` (which must not exist), for a person to use. Every object is
+    /// verified first, the files are written to a temporary path beside `dest` and renamed into
+    /// place, so a failure leaves no partial `dest`. `Auto` reflinks or copies; hardlinks (which
+    /// share the object's inode, so an in-place edit would corrupt the store) only on request.
     pub fn checkout(&self, a: &ArtifactRef, dest: &Path, mode: LinkMode) -> Result<()> {
         if fs::symlink_metadata(dest).is_ok() {
             return Err(StoreError::DestinationExists {
                 path: dest.to_path_buf(),
             });
         }
-        match a.kind {
+        self.verify_artifact(a)?;
+        let staging = xfs::temp_dir_beside(dest).at(dest)?;
+        let res = (|| -> Result<()> {
+            let staged = staging.join("x");
+            self.place_artifact(a, &staged, mode)?;
+            xfs::publish(&staged, dest, false).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    StoreError::DestinationExists {
+                        path: dest.to_path_buf(),
+                    }
+                } else {
+                    PathError::new(dest, e).into()
+                }
+            })
+        })();
+        let _ = xfs::remove_tree(&staging);
+        res
+    }
+
+    /// Lay out an artifact's files at `dest` (no verification, no atomicity: callers stage).
+    fn place_artifact(&self, a: &ArtifactRef, dest: &Path, mode: LinkMode) -> Result<()> {
+        let entries = match a.kind {
             ArtifactKind::Blob => {
                 let src = self.object_path(&a.digest);
                 if !src.is_file() {
                     return Err(StoreError::MissingObject { digest: a.digest });
                 }
-                if let Some(parent) = dest.parent() {
-                    fs::create_dir_all(parent).at(parent)?;
-                }
                 xfs::place(&src, dest, mode).at(dest)?;
+                return Ok(());
             }
-            ArtifactKind::Tree => {
-                let tree = self.read_tree(&a.digest)?;
-                fs::create_dir_all(dest).at(dest)?;
-                for e in &tree.entries {
-                    let src = self.object_path(&e.digest);
-                    if !src.is_file() {
-                        return Err(StoreError::MissingObject { digest: e.digest });
-                    }
-                    let target = dest.join(&e.path);
-                    if let Some(parent) = target.parent() {
-                        fs::create_dir_all(parent).at(parent)?;
-                    }
-                    xfs::place(&src, &target, mode).at(&target)?;
-                }
+            ArtifactKind::Tree => self.read_tree(&a.digest)?.entries,
+        };
+        fs::create_dir_all(dest).at(dest)?;
+        for e in &entries {
+            let src = self.object_path(&e.digest);
+            if !src.is_file() {
+                return Err(StoreError::MissingObject { digest: e.digest });
             }
+            let target = dest.join(&e.path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).at(parent)?;
+            }
+            xfs::place(&src, &target, mode).at(&target)?;
         }
         Ok(())
     }
 
-    /// A read-only path holding the artifact's content, shared by every step that reads it.
+    fn checkout_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("checkouts").join(d.to_string())
+    }
+
+    /// Does the materialised checkout at `dir` hold exactly the tree's files with the tree's content?
+    /// Files that are hardlinks of the (already verified) object are accepted by inode; any other file
+    /// is re-hashed. Returns the first difference found.
+    pub fn check_checkout(&self, tree: &Tree, dir: &Path) -> Result<Option<String>> {
+        use std::os::unix::fs::MetadataExt;
+        let present = match Self::walk(dir) {
+            Ok(p) => p,
+            Err(e) => return Ok(Some(format!("unreadable: {e}"))),
+        };
+        let wanted: BTreeSet<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+        for (rel, _) in &present {
+            if !wanted.contains(rel.as_str()) {
+                return Ok(Some(format!("extra file `{rel}`")));
+            }
+        }
+        if present.len() != tree.entries.len() {
+            let have: BTreeSet<&str> = present.iter().map(|(r, _)| r.as_str()).collect();
+            let gone = wanted.iter().find(|w| !have.contains(*w)).unwrap_or(&"?");
+            return Ok(Some(format!("file `{gone}` is missing")));
+        }
+        for e in &tree.entries {
+            let f = dir.join(&e.path);
+            let (Ok(fm), Ok(om)) = (fs::metadata(&f), fs::metadata(self.object_path(&e.digest)))
+            else {
+                return Ok(Some(format!("file `{}` is unreadable", e.path)));
+            };
+            if (fm.dev(), fm.ino()) == (om.dev(), om.ino()) {
+                continue;
+            }
+            if fm.len() != e.size || Self::hash_file(&f).ok() != Some(e.digest) {
+                return Ok(Some(format!("file `{}` differs from the tree", e.path)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A read-only path holding the artifact's content, shared by every step that reads it. A tree's
+    /// checkout (read-only files in read-only directories) is checked against the tree every time it
+    /// is handed out, and rebuilt if anything in it was changed, added or removed.
     pub fn materialize(&self, a: &ArtifactRef) -> Result<PathBuf> {
         match a.kind {
             ArtifactKind::Blob => {
@@ -646,22 +880,40 @@ impl Store {
                 Ok(p)
             }
             ArtifactKind::Tree => {
-                let dest = self.root.join("checkouts").join(a.digest.to_string());
+                let dest = self.checkout_path(&a.digest);
+                let tree = self.read_tree(&a.digest)?;
                 if dest.is_dir() {
-                    return Ok(dest);
+                    if self.check_checkout(&tree, &dest)?.is_none() {
+                        return Ok(dest);
+                    }
+                    // Damaged: move it aside (atomically, so a concurrent reader never sees it half
+                    // deleted) and rebuild.
+                    let aside = self.tmp_dir().join(xfs::unique_name("damaged-co"));
+                    if fs::rename(&dest, &aside).is_ok() {
+                        let _ = xfs::remove_tree(&aside);
+                    }
                 }
                 let scratch = self.scratch_dir("co")?;
                 let staged = scratch.join("tree");
-                let res = self.checkout(a, &staged, LinkMode::Auto).and_then(|_| {
-                    let parent = dest.parent().expect("has parent");
-                    fs::create_dir_all(parent).at(parent)?;
-                    match fs::rename(&staged, &dest) {
-                        Ok(()) => Ok(()),
-                        // Another process materialised it first; theirs is identical.
-                        Err(_) if dest.is_dir() => Ok(()),
-                        Err(e) => Err(PathError::new(&dest, e).into()),
-                    }
-                });
+                let res = self
+                    .place_artifact(a, &staged, LinkMode::Hardlink)
+                    .or_else(|_| {
+                        let _ = xfs::remove_tree(&staged);
+                        self.place_artifact(a, &staged, LinkMode::Copy)
+                    })
+                    .and_then(|_| {
+                        for e in &tree.entries {
+                            let f = staged.join(&e.path);
+                            xfs::set_readonly(&f).at(&f)?;
+                        }
+                        xfs::set_tree_readonly(&staged).at(&staged)?;
+                        match xfs::publish(&staged, &dest, false) {
+                            Ok(()) => Ok(()),
+                            // Another process materialised it first; theirs is identical.
+                            Err(_) if dest.is_dir() => Ok(()),
+                            Err(e) => Err(PathError::new(&dest, e).into()),
+                        }
+                    });
                 let _ = xfs::remove_tree(&scratch);
                 res.map(|_| dest)
             }
@@ -683,9 +935,11 @@ impl Store {
             for obj in fs::read_dir(fan.path()).at(&fan.path())? {
                 let obj = obj.at(&fan.path())?;
                 let name = format!("{fan_name}{}", obj.file_name().to_string_lossy());
+                // Anything but a regular file (a FIFO would block the hashing forever) is stray.
+                let regular = obj.file_type().map(|t| t.is_file()).unwrap_or(false);
                 match name.parse::<Digest>() {
-                    Ok(d) => digests.push(d),
-                    Err(_) => stray.push(obj.path()),
+                    Ok(d) if regular => digests.push(d),
+                    _ => stray.push(obj.path()),
                 }
             }
         }
@@ -724,44 +978,49 @@ impl Store {
         }
     }
 
-    /// All digests reachable from `roots` (trees expanded). Missing or unreadable trees are
-    /// reported rather than aborting the walk.
-    fn reachable(&self, roots: &[Root]) -> (BTreeSet<Digest>, Vec<MissingRef>) {
-        let mut seen = BTreeSet::new();
-        let mut missing = Vec::new();
+    /// All digests reachable from `roots` (trees expanded). Missing objects and trees that cannot be
+    /// read (absent, corrupt, not a manifest) are reported rather than aborting the walk.
+    fn reachable(&self, roots: &[Root]) -> Reach {
+        let mut reach = Reach::default();
         for r in roots {
-            if !seen.insert(r.artifact.digest) {
+            if !reach.seen.insert(r.artifact.digest) {
                 continue;
             }
             if !self.has(&r.artifact.digest) {
-                missing.push(MissingRef {
+                reach.missing.push(MissingRef {
                     digest: r.artifact.digest,
                     referenced_by: r.origin.clone(),
                 });
                 continue;
             }
             if r.artifact.kind == ArtifactKind::Tree {
-                // A corrupt tree is reported by the object scan itself.
-                if let Ok(tree) = self.read_tree(&r.artifact.digest) {
-                    for e in tree.entries {
-                        if seen.insert(e.digest) && !self.has(&e.digest) {
-                            missing.push(MissingRef {
-                                digest: e.digest,
-                                referenced_by: format!(
-                                    "{} (tree {}, path {})",
-                                    r.origin, r.artifact.digest, e.path
-                                ),
-                            });
+                match self.read_tree(&r.artifact.digest) {
+                    Ok(tree) => {
+                        for e in tree.entries {
+                            if reach.seen.insert(e.digest) && !self.has(&e.digest) {
+                                reach.missing.push(MissingRef {
+                                    digest: e.digest,
+                                    referenced_by: format!(
+                                        "{} (tree {}, path {})",
+                                        r.origin, r.artifact.digest, e.path
+                                    ),
+                                });
+                            }
                         }
                     }
+                    Err(e) => reach.unreadable_trees.push(UnreadableTree {
+                        digest: r.artifact.digest,
+                        referenced_by: r.origin.clone(),
+                        reason: e.to_string(),
+                    }),
                 }
             }
         }
-        (seen, missing)
+        reach
     }
 
     /// Verify every object, and report what the roots reference but is absent, and what nothing reaches.
-    pub fn fsck(&self, roots: &[Root], progress: &indicatif::ProgressBar) -> Result<FsckReport> {
+    pub fn fsck(&self, roots: &RootSet, progress: &indicatif::ProgressBar) -> Result<FsckReport> {
         let (digests, stray) = self.list_objects()?;
         progress.set_length(digests.len() as u64);
         let results: Vec<(Digest, u64, Option<CorruptObject>)> = digests
@@ -786,12 +1045,21 @@ impl Store {
                 (*d, size, bad)
             })
             .collect();
-        let (reach, missing) = self.reachable(roots);
+        let reach = self.reachable(&roots.roots);
         let mut report = FsckReport {
             stray_files: stray,
-            missing,
+            missing: reach.missing,
+            unreadable_trees: reach.unreadable_trees,
+            unreadable_records: roots
+                .unreadable
+                .iter()
+                .chain(&roots.torn_cache_entries)
+                .cloned()
+                .collect(),
+            damaged_checkouts: self.damaged_checkouts()?,
             ..Default::default()
         };
+        let reach = reach.seen;
         for (d, size, bad) in results {
             report.objects_checked += 1;
             report.bytes_checked += size;
@@ -808,25 +1076,46 @@ impl Store {
         Ok(report)
     }
 
-    /// Remove every object no root reaches, stale temporary files and unused checkouts.
-    /// Takes the store lock exclusively, so it never races a writer.
-    pub fn gc(&self, roots: &[Root], dry_run: bool) -> Result<GcReport> {
+    /// Remove every object no root reaches, stale temporary files, and unused or damaged checkouts.
+    /// The store lock is taken exclusively *before* `roots` is called, so no writer can commit an
+    /// object and the record or ref that reaches it between the two (that race lost data). When some
+    /// record or tree manifest cannot be read, gc cannot prove any object unreachable, so it keeps
+    /// every object and says why.
+    pub fn gc(
+        &self,
+        roots: impl FnOnce(&Store) -> Result<RootSet, Box<dyn std::error::Error + Send + Sync>>,
+        dry_run: bool,
+        waiting: impl FnOnce(),
+    ) -> Result<GcReport, GcError> {
         let lock_path = self.root.join("LOCK");
         let _lock = match FileLock::try_lock(&lock_path, true).at(&lock_path)? {
             Some(l) => l,
             None => {
-                eprintln!("waiting for other fuselab processes using this store to finish...");
+                waiting();
                 FileLock::lock(&lock_path, true).at(&lock_path)?
             }
         };
+        let roots = roots(self).map_err(GcError::Roots)?;
         let (digests, _) = self.list_objects()?;
-        let (reach, _) = self.reachable(roots);
+        let reach = self.reachable(&roots.roots);
         let mut report = GcReport {
             dry_run,
             ..Default::default()
         };
+        for u in &roots.unreadable {
+            report
+                .kept_everything_because
+                .push(format!("{}: {}", u.path.display(), u.reason));
+        }
+        for t in &reach.unreadable_trees {
+            report.kept_everything_because.push(format!(
+                "tree {} (referenced by {}) cannot be read: {}",
+                t.digest, t.referenced_by, t.reason
+            ));
+        }
+        let keep_all = !report.kept_everything_because.is_empty();
         for d in digests {
-            if reach.contains(&d) {
+            if keep_all || reach.seen.contains(&d) {
                 report.objects_kept += 1;
                 continue;
             }
@@ -838,6 +1127,11 @@ impl Store {
             report.bytes_freed += size;
             report.removed_objects.push((d, size));
         }
+        let damaged: BTreeSet<PathBuf> = self
+            .damaged_checkouts()?
+            .into_iter()
+            .map(|c| c.path)
+            .collect();
         let checkouts = self.root.join("checkouts");
         if let Ok(rd) = fs::read_dir(&checkouts) {
             for e in rd.flatten() {
@@ -845,7 +1139,8 @@ impl Store {
                     .file_name()
                     .to_str()
                     .and_then(|n| n.parse::<Digest>().ok())
-                    .is_some_and(|d| reach.contains(&d));
+                    .is_some_and(|d| reach.seen.contains(&d) || keep_all)
+                    && !damaged.contains(&e.path());
                 if !keep {
                     report.removed_checkouts += 1;
                     if !dry_run {
@@ -865,9 +1160,52 @@ impl Store {
         Ok(report)
     }
 
-    /// Pinned references under refs/ (each file holds an ArtifactRef or a list of them).
-    pub fn refs(&self) -> Result<Vec<Root>> {
+    /// Materialised checkouts that no longer match their tree (edited, added or removed files), or
+    /// whose tree cannot be read.
+    pub fn damaged_checkouts(&self) -> Result<Vec<DamagedCheckout>> {
         let mut out = Vec::new();
+        let dir = self.root.join("checkouts");
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        let mut entries: Vec<_> = rd.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let reason = match e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Digest>().ok())
+            {
+                None => Some("not named by a digest".to_string()),
+                Some(d) => match self.read_tree(&d) {
+                    Err(err) => Some(format!("its tree cannot be read: {err}")),
+                    Ok(tree) => {
+                        // Hardlinks are accepted by inode only for objects that verify.
+                        let bad_object = tree
+                            .entries
+                            .iter()
+                            .find(|t| self.verify_object(&t.digest).is_err());
+                        match bad_object {
+                            Some(t) => {
+                                Some(format!("object {} of `{}` is damaged", t.digest, t.path))
+                            }
+                            None => self.check_checkout(&tree, &path)?,
+                        }
+                    }
+                },
+            };
+            if let Some(reason) = reason {
+                out.push(DamagedCheckout { path, reason });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pinned references under refs/ (each file holds an ArtifactRef or a list of them). Unreadable
+    /// ref files are listed in `unreadable`, not fatal: fsck must still run, gc must keep everything.
+    pub fn refs(&self) -> Result<RootSet> {
+        let mut out = RootSet::default();
         let dir = self.root.join("refs");
         let mut stack = vec![dir.clone()];
         while let Some(d) = stack.pop() {
@@ -878,37 +1216,41 @@ impl Store {
                     stack.push(p);
                     continue;
                 }
-                let bytes = xfs::read(&p)?;
                 let name = p
                     .strip_prefix(&self.root)
                     .unwrap_or(&p)
                     .display()
                     .to_string();
-                let refs: Vec<ArtifactRef> = serde_json::from_slice::<RefFile>(&bytes)
-                    .map(|r| r.artifacts.into_values().collect())
-                    .map_err(|e| StoreError::BadFormatFile {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    })?;
-                out.extend(refs.into_iter().map(|artifact| Root {
-                    artifact,
-                    origin: name.clone(),
-                }));
+                let parsed = fs::read(&p).map_err(|e| e.to_string()).and_then(|bytes| {
+                    serde_json::from_slice::<RefFile>(&bytes)
+                        .map(|r| r.artifacts.into_values().collect::<Vec<_>>())
+                        .map_err(|e| e.to_string())
+                });
+                match parsed {
+                    Ok(refs) => out.roots.extend(refs.into_iter().map(|artifact| Root {
+                        artifact,
+                        origin: name.clone(),
+                    })),
+                    Err(reason) => out.unreadable.push(UnreadableFile { path: p, reason }),
+                }
             }
         }
         Ok(out)
     }
 
     /// Pin named artifacts under refs/<name>.json so gc keeps them.
-    pub fn set_ref(&self, name: &str, artifacts: BTreeMap<String, ArtifactRef>) -> Result<()> {
+    pub fn set_ref(&self, name: &RefName, artifacts: BTreeMap<String, ArtifactRef>) -> Result<()> {
         let path = self.root.join("refs").join(format!("{name}.json"));
         let bytes = serde_json::to_vec_pretty(&RefFile { artifacts }).expect("serialises");
         xfs::atomic_write(&self.tmp_dir(), &path, &bytes, true).at(&path)?;
         Ok(())
     }
 
-    /// Copy an object's bytes to a writer, verifying as it streams.
+    /// Copy an object's bytes to a writer. The object is verified before the first byte is written
+    /// (a reader must never receive corrupt bytes followed by an error), and again while streaming,
+    /// in case it changes in between.
     pub fn cat(&self, d: &Digest, out: &mut dyn io::Write) -> Result<()> {
+        self.verify_object(d)?;
         let p = self.object_path(d);
         let mut f = match fs::File::open(&p) {
             Ok(f) => f,

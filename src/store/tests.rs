@@ -3,8 +3,13 @@ use std::fs;
 
 fn store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path().join("artifacts")).unwrap();
+    let s = Store::open_or_create(dir.path().join("artifacts")).unwrap();
     (dir, s)
+}
+
+fn gc(s: &Store, roots: &[Root], dry_run: bool) -> Result<GcReport, GcError> {
+    let roots = roots.to_vec();
+    s.gc(move |_| Ok(RootSet::from(roots)), dry_run, || {})
 }
 
 fn bar() -> indicatif::ProgressBar {
@@ -74,7 +79,7 @@ fn corrupt_object_is_detected() {
         },
         origin: "test".into(),
     }];
-    let r = s.fsck(&roots, &bar()).unwrap();
+    let r = s.fsck(&RootSet::from(roots.to_vec()), &bar()).unwrap();
     assert_eq!(r.corrupt.len(), 1);
     assert!(!r.is_clean());
 }
@@ -92,6 +97,10 @@ fn stat_cache_skips_rehash_and_notices_changes() {
         serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap();
     let other = s.put_bytes(b"other").unwrap();
     entry["digest"] = serde_json::json!(other.to_string());
+    // The entry was made right after the file was written, so it is racy and not trusted yet; date
+    // it 10 s later, as if the digest had been cached after the file had settled.
+    entry["cached_at_ns"] =
+        serde_json::json!(entry["cached_at_ns"].as_i64().unwrap() + 10_000_000_000);
     fs::write(&cache_file, serde_json::to_vec(&entry).unwrap()).unwrap();
     assert_eq!(
         s.put_file(&f).unwrap().digest,
@@ -130,15 +139,15 @@ fn gc_removes_only_unreachable() {
         artifact: kept.clone(),
         origin: "test".into(),
     }];
-    let dry = s.gc(&roots, true).unwrap();
+    let dry = gc(&s, &roots, true).unwrap();
     assert_eq!(dry.removed_objects.len(), 1);
     assert!(s.has(&orphan));
-    let r = s.gc(&roots, false).unwrap();
+    let r = gc(&s, &roots, false).unwrap();
     assert_eq!(r.removed_objects, vec![(orphan, 6)]);
     assert_eq!(r.removed_temp_files, 1);
     assert!(!s.has(&orphan));
     assert!(s.has(&kept.digest));
-    let f = s.fsck(&roots, &bar()).unwrap();
+    let f = s.fsck(&RootSet::from(roots.to_vec()), &bar()).unwrap();
     assert!(f.is_clean() && f.orphaned.is_empty(), "{f:?}");
 }
 
@@ -187,4 +196,37 @@ fn link_ingest_shares_the_inode_and_protects_it() {
         cache["stat"]["ctime_ns"].as_i64().map(i128::from),
         Some(crate::fs::StatKey::of(&fs::metadata(&f).unwrap()).ctime_ns)
     );
+}
+
+/// Finding 11 (git's "racy clean"): a file rewritten with the same size within one timestamp tick of
+/// being hashed keeps its stat. This machine's filesystems stamp files finely enough that a real
+/// rewrite always changes the stat, so the coarse tick is simulated: the cache entry made for the old
+/// content is given the stat the rewritten file has, exactly what a coarse clock would have left.
+#[test]
+fn stat_cache_does_not_trust_a_file_rewritten_within_the_same_tick() {
+    let (d, s) = store();
+    let f = d.path().join("racy.txt");
+    fs::write(&f, "aaaa").unwrap();
+    assert_eq!(s.put_file(&f).unwrap().digest, Digest::of(b"aaaa"));
+    fs::write(&f, "bbbb").unwrap();
+    let cache_file = s.statcache_path(&std::path::absolute(&f).unwrap());
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap();
+    let now = crate::fs::StatKey::of(&fs::metadata(&f).unwrap());
+    entry["stat"] = serde_json::to_value(&now).unwrap();
+    fs::write(&cache_file, serde_json::to_vec(&entry).unwrap()).unwrap();
+    assert_eq!(
+        s.put_file(&f).unwrap().digest,
+        Digest::of(b"bbbb"),
+        "an entry cached within the racy window of the file's last change was trusted"
+    );
+    // Once the file has settled (entry dated well after its last change), the cache is used again.
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap();
+    let poison = s.put_bytes(b"poison").unwrap();
+    entry["digest"] = serde_json::json!(poison.to_string());
+    entry["cached_at_ns"] =
+        serde_json::json!(now.mtime_ns.max(now.ctime_ns) as i64 + 3_000_000_000);
+    fs::write(&cache_file, serde_json::to_vec(&entry).unwrap()).unwrap();
+    assert_eq!(s.put_file(&f).unwrap().digest, poison);
 }
