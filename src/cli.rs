@@ -102,8 +102,9 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub max_len: usize,
+    /// Longest sequence in tokens (default: 2048, or the model's context length if shorter).
+    #[arg(long)]
+    pub max_len: Option<usize>,
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
     #[arg(long, default_value_t = 0.0)]

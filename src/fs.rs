@@ -96,6 +96,46 @@ pub fn publish(tmp: &Path, dest: &Path, replace: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Publish the finished directory `tmp` at `dest`, replacing a `dest` directory that the caller owns
+/// (one it wrote itself earlier) by an atomic exchange: readers see the old or the new, never
+/// neither. The old content ends up at `tmp`, which the caller removes.
+pub fn publish_replacing_dir(tmp: &Path, dest: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(dest).is_err() {
+        return publish(tmp, dest, false);
+    }
+    sync_tree(tmp)?;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let s = CString::new(tmp.as_os_str().as_bytes())?;
+    let d = CString::new(dest.as_os_str().as_bytes())?;
+    // SAFETY: both strings are valid, NUL-terminated paths for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            s.as_ptr(),
+            libc::AT_FDCWD,
+            d.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(err);
+        }
+        // No RENAME_EXCHANGE here: move the old one aside, then the new one in.
+        let aside = tmp.with_file_name(unique_name(".replaced"));
+        fs::rename(dest, &aside)?;
+        fs::rename(tmp, dest)?;
+        fs::rename(&aside, tmp)?;
+    }
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(parent)
+}
+
 /// rename(2) that fails with `AlreadyExists` instead of replacing `dest` (renameat2 NOREPLACE).
 pub fn rename_noreplace(src: &Path, dest: &Path) -> io::Result<()> {
     use std::ffi::CString;

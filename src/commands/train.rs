@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use candle_core::DType;
 use fuselab::model::{load_weights, parse_device, Checkpoint, Decoder};
 use fuselab::train::{
@@ -13,13 +14,13 @@ use serde_json::Value;
 use super::{print_json, template_vars, Status};
 use crate::cli::{AlphaSchedule, DpoLossArg, TrainArgs, TrainCommand};
 
-fn config(a: &TrainArgs, default_lr: f64) -> TrainConfig {
+fn config(a: &TrainArgs, default_lr: f64, context: usize) -> TrainConfig {
     TrainConfig {
         lr: a.lr.unwrap_or(default_lr),
         epochs: a.epochs,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
-        max_len: a.max_len,
+        max_len: a.max_len.unwrap_or(2048.min(context)),
         warmup_ratio: a.warmup_ratio,
         max_grad_norm: a.max_grad_norm,
         adamw: AdamWConfig {
@@ -37,6 +38,9 @@ fn report(a: &TrainArgs, s: &train::TrainSummary) {
     if a.json {
         print_json(s);
     } else {
+        for (dir, why) in &s.skipped_checkpoints {
+            eprintln!("warning: {} is damaged ({why}); passed over", dir.display());
+        }
         if let Some(r) = s.resumed_from {
             eprintln!("resumed from checkpoint-{r}");
         }
@@ -62,28 +66,29 @@ fn reference_logps(
     for p in obj.pairs() {
         h.update(format!("{:?}", p).as_bytes());
     }
-    h.update(
-        std::fs::canonicalize(reference)?
-            .to_string_lossy()
-            .as_bytes(),
-    );
+    // The reference's content, not its path: a path can be overwritten with other weights.
+    h.update(train::model_identity(reference)?.as_bytes());
     let tag = h.finalize().to_hex().to_string();
     let cache = out.join("reference_logps.json");
     if let Ok(text) = std::fs::read_to_string(&cache) {
-        let v: Value = serde_json::from_str(&text)?;
-        if v["tag"] == tag.as_str() {
-            obj.set_reference(serde_json::from_value(v["logps"].clone())?)?;
-            return Ok(());
+        // A torn or foreign cache is recomputed, never fatal.
+        let cached = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+            (v["tag"] == tag.as_str())
+                .then(|| serde_json::from_value(v["logps"].clone()).ok())
+                .flatten()
+        });
+        if let Some(logps) = cached {
+            if obj.set_reference(logps).is_ok() {
+                return Ok(());
+            }
         }
     }
     let ck = Checkpoint::open(reference)?;
     let w = load_weights(&ck.dir, &ck.config, device, DType::F32)?;
     obj.compute_reference(&Decoder::new(ck.config.clone(), w)?)?;
-    std::fs::create_dir_all(out)?;
     let body = serde_json::json!({"tag": tag, "reference": reference, "logps": obj.reference()});
-    let tmp = out.join(".reference_logps.json.partial");
-    std::fs::write(&tmp, serde_json::to_vec(&body)?)?;
-    std::fs::rename(&tmp, &cache)?;
+    fuselab::fs::write_durable(&cache, &serde_json::to_vec(&body)?)
+        .with_context(|| format!("writing {}", cache.display()))?;
     Ok(())
 }
 
@@ -93,21 +98,13 @@ fn run(
     obj: &dyn Objective,
     eval: Option<&dyn Objective>,
     args: &TrainArgs,
-    default_lr: f64,
+    cfg: &TrainConfig,
     device: &candle_core::Device,
 ) -> anyhow::Result<()> {
     let paths = RunPaths {
         out: args.out.clone(),
     };
-    let s = train::train(
-        start,
-        obj,
-        eval,
-        &config(args, default_lr),
-        &paths,
-        device,
-        &Hooks::default(),
-    )?;
+    let s = train::train(start, obj, eval, cfg, &paths, device, &Hooks::default())?;
     report(args, &s);
     Ok(())
 }
@@ -120,20 +117,24 @@ pub fn train(cmd: &TrainCommand) -> Status {
             args,
         } => {
             let ck = Checkpoint::open(model)?;
+            // Settings are checked before any row is read or tokenised.
+            let cfg = config(args, 5e-6, ck.config.max_position_embeddings);
+            cfg.validate(Some(ck.config.max_position_embeddings))?;
+            let max_len = cfg.max_len;
             let device = parse_device(&args.device)?;
             let extra = template_vars(&args.vars)?;
             let (t, k) = (ck.template()?, ck.tokenizer()?);
-            let mut obj = SftObjective::load(&args.data, t, k, args.max_len, &extra)?;
+            let mut obj = SftObjective::load(&args.data, t, k, max_len, &extra)?;
             if *packing {
                 let n = obj.len();
-                let rows = obj.pack(args.max_len);
+                let rows = obj.pack(max_len);
                 eprintln!(
                     "packed {n} conversations into {rows} rows of up to {} tokens",
-                    args.max_len
+                    max_len
                 );
             }
             let eval = match &args.eval_data {
-                Some(p) => Some(SftObjective::load(p, t, k, args.max_len, &extra)?),
+                Some(p) => Some(SftObjective::load(p, t, k, max_len, &extra)?),
                 None => None,
             };
             if obj.skipped() > 0 {
@@ -148,7 +149,7 @@ pub fn train(cmd: &TrainCommand) -> Status {
                 &obj,
                 eval.as_ref().map(|e| e as &dyn Objective),
                 args,
-                5e-6,
+                &cfg,
                 &device,
             )?;
         }
@@ -163,6 +164,9 @@ pub fn train(cmd: &TrainCommand) -> Status {
             args,
         } => {
             let ck = Checkpoint::open(policy)?;
+            let cfg = config(args, 1e-6, ck.config.max_position_embeddings);
+            cfg.validate(Some(ck.config.max_position_embeddings))?;
+            let max_len = cfg.max_len;
             let device = parse_device(&args.device)?;
             let extra = template_vars(&args.vars)?;
             let (t, k) = (ck.template()?, ck.tokenizer()?);
@@ -177,9 +181,9 @@ pub fn train(cmd: &TrainCommand) -> Status {
                     label_smoothing: *label_smoothing,
                 },
             };
+            train::objective::validate_dpo(*beta, &l)?;
             let reference = reference.clone().unwrap_or_else(|| policy.clone());
-            let mut obj =
-                DpoObjective::load(&args.data, t, k, args.max_len, &extra, *beta, l.clone())?;
+            let mut obj = DpoObjective::load(&args.data, t, k, max_len, &extra, *beta, l.clone())?;
             if obj.skipped() > 0 {
                 eprintln!(
                     "{}: skipped {} rows whose prompt fills --max-len",
@@ -190,7 +194,7 @@ pub fn train(cmd: &TrainCommand) -> Status {
             reference_logps(&mut obj, &reference, &args.out, &device)?;
             let eval = match &args.eval_data {
                 Some(p) => {
-                    let mut e = DpoObjective::load(p, t, k, args.max_len, &extra, *beta, l)?;
+                    let mut e = DpoObjective::load(p, t, k, max_len, &extra, *beta, l)?;
                     reference_logps(&mut e, &reference, &args.out.join("eval"), &device)?;
                     Some(e)
                 }
@@ -201,7 +205,7 @@ pub fn train(cmd: &TrainCommand) -> Status {
                 &obj,
                 eval.as_ref().map(|e| e as &dyn Objective),
                 args,
-                1e-6,
+                &cfg,
                 &device,
             )?;
         }

@@ -22,6 +22,38 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Reject values that would sample nonsense or nothing; each error names the flag.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |flag: &str, why: String| Err(ModelError::Invalid(format!("--{flag}: {why}")));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(
+                "temperature",
+                format!("{} must be finite and >= 0 (0 is greedy)", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top-p", format!("{} is outside (0, 1]", self.top_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(
+                "repetition-penalty",
+                format!(
+                    "{} must be finite and > 0 (1 is none)",
+                    self.repetition_penalty
+                ),
+            );
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return bad(
+                "stop",
+                "an empty stop string would stop before the first token".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -156,6 +188,16 @@ pub fn generate(
             "cannot generate from an empty prompt".into(),
         ));
     }
+    params.validate()?;
+    // Attention scores grow with the square of the sequence: a prompt past the context length would
+    // allocate gigabytes before failing. Refuse it, naming the numbers.
+    let context = model.config.max_position_embeddings;
+    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() > context) {
+        return Err(ModelError::Invalid(format!(
+            "prompt {i} has {} tokens, more than the model's context length {context}",
+            p.len()
+        )));
+    }
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut step_ids: Vec<Vec<u32>> = prompts
         .iter()
@@ -177,7 +219,9 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finished: Vec<Option<FinishReason>> = vec![None; b];
     let mut cache = KvCache::new();
-    for _ in 0..params.max_new_tokens {
+    // Never decode past the context length (finish reason `length`).
+    let budget = params.max_new_tokens.min(context - width);
+    for _ in 0..budget {
         let logits = model.forward(&step_ids, &mask, Some(&mut cache))?;
         let t = step_ids[0].len();
         let last: Vec<Vec<f32>> = logits

@@ -9,6 +9,11 @@ use serde_json::Value;
 
 use super::ModelError;
 
+/// Work one render may do, in minijinja fuel (one instruction, or 64 bytes of strings created or
+/// written): about four million instructions or 256 MB, far above any chat template's need (a
+/// 100-message Llama-3.1 rendering uses well under 1% of it).
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+
 #[derive(Clone, Debug)]
 pub struct ChatTemplate {
     pub source: String,
@@ -107,8 +112,28 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &Value,
     ) -> Result<String, ModelError> {
-        let env = self.env();
+        let mut env = self.env();
+        // A hostile or broken template (nested `range(100000)` loops, a string doubled in a loop)
+        // must end with an error, not run for hours or allocate gigabytes. minijinja's fuel charges
+        // every instruction and every byte the template creates, so one budget bounds both time and
+        // memory. The budget grows with the input so that long benign conversations always fit.
+        let input_bytes = serde_json::to_string(messages)
+            .map(|s| s.len())
+            .unwrap_or(0)
+            + serde_json::to_string(extra).map(|s| s.len()).unwrap_or(0);
+        let fuel = TEMPLATE_FUEL + (input_bytes as u64) / 4;
+        env.set_fuel(Some(fuel));
         let err = |e: Error| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                return ModelError::Template {
+                    path: self.path.clone(),
+                    line: e.line().unwrap_or(0),
+                    reason: format!(
+                        "the template exceeded its work budget ({fuel} units of instructions and \
+                         produced bytes): it loops or builds strings without bound"
+                    ),
+                };
+            }
             let mut reason = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {

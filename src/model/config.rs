@@ -129,10 +129,30 @@ impl ModelConfig {
             .and_then(Value::as_u64)
             .map(|x| x as usize)
             .unwrap_or(num_attention_heads);
+        // Sizes are checked before anything is sized by them: a zero divides by zero below, and an
+        // absurd count (`num_hidden_layers: 1000000000000`) would allocate terabytes of layer
+        // tables before any weight is looked at. The bounds are far above any released model.
+        let in_range = |key: &str, v: usize, max: usize| {
+            if v == 0 || v > max {
+                Err(bad(format!("`{key}` is {v}; expected 1 to {max}")))
+            } else {
+                Ok(v)
+            }
+        };
+        in_range("hidden_size", hidden_size, 1 << 18)?;
+        in_range("num_attention_heads", num_attention_heads, 4096)?;
+        in_range("num_hidden_layers", num_hidden_layers, 4096)?;
+        in_range("num_key_value_heads", num_key_value_heads, 4096)?;
+        in_range("vocab_size", usize_of("vocab_size")?, 1 << 24)?;
+        in_range("intermediate_size", usize_of("intermediate_size")?, 1 << 20)?;
         let head_dim = get(&raw, "head_dim")
             .and_then(Value::as_u64)
             .map(|x| x as usize)
             .unwrap_or(hidden_size / num_attention_heads);
+        in_range("head_dim", head_dim, 1 << 14)?;
+        if let Some(m) = get(&raw, "max_position_embeddings").and_then(Value::as_u64) {
+            in_range("max_position_embeddings", m as usize, 1 << 24)?;
+        }
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(bad(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::chat::ChatTemplate;
-use super::config::ModelConfig;
+use super::config::{config_path, ModelConfig};
 use super::{CandleContext, ModelError};
 
 /// A checkpoint directory with its config, tokenizer and chat template (weights load separately).
@@ -164,6 +164,17 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     shards.dedup();
     let mut out = Vec::new();
     for s in shards {
+        // A shard is a file beside the index: `../x` or `/etc/passwd` must not be read.
+        let plain = !s.is_empty()
+            && !s.starts_with('.')
+            && !s.contains(['/', '\\', '\0'])
+            && Path::new(&s).file_name() == Some(std::ffi::OsStr::new(&s));
+        if !plain {
+            return Err(ModelError::Config {
+                path: index.clone(),
+                reason: format!("shard name `{s}` is not a file name in the checkpoint directory"),
+            });
+        }
         let p = dir.join(&s);
         if !p.is_file() {
             return Err(ModelError::MissingShard {
@@ -197,6 +208,27 @@ pub fn load_weights(
     } else {
         dir.join("model.safetensors.index.json")
     };
+    let layers_found = found
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    if layers_found != config.num_hidden_layers {
+        return Err(ModelError::Config {
+            path: config_path(dir),
+            reason: format!(
+                "`num_hidden_layers` is {}, but the weights in {} hold {layers_found} layers",
+                config.num_hidden_layers,
+                blame.display()
+            ),
+        });
+    }
     let mut out = HashMap::new();
     for (name, shape) in config.expected_tensors() {
         let (t, file) = found
@@ -212,6 +244,19 @@ pub fn load_weights(
                 found: t.dims().to_vec(),
                 expected: shape,
             });
+        }
+        // x * 0 is 0 for every finite x and NaN otherwise, so one sum finds any NaN or infinity.
+        let poisoned = t
+            .to_dtype(DType::F32)
+            .and_then(|x| x.affine(0.0, 0.0))
+            .and_then(|x| x.sum_all())
+            .and_then(|x| x.to_scalar::<f32>())
+            .ctx(|| format!("checking `{name}`"))?;
+        if !poisoned.is_finite() {
+            return Err(ModelError::Invalid(format!(
+                "{}: tensor `{name}` holds NaN or infinite values",
+                file.display()
+            )));
         }
         let t = t
             .to_dtype(dtype)
@@ -232,17 +277,72 @@ pub fn save_checkpoint(
     dtype: DType,
     source: Option<&Path>,
 ) -> Result<(), ModelError> {
-    let parent = out.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        out.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("checkpoint"),
-        std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let out = &std::path::absolute(out).map_err(io_err(out))?;
+    refuse_foreign_out(out)?;
+    let tmp = crate::fs::temp_dir_beside(out).map_err(io_err(out))?;
+    let res = write_checkpoint_files(&tmp, config, weights, dtype, source)
+        .and_then(|_| crate::fs::publish_replacing_dir(&tmp, out).map_err(io_err(out)));
+    let _ = crate::fs::remove_tree(&tmp);
+    res
+}
+
+/// The files `save_checkpoint` writes; a directory holding nothing else is one we may replace.
+const CHECKPOINT_FILES: [&str; 7] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// `--out` may be missing, empty, or a checkpoint this program wrote (only its files, config.json
+/// among them). Anything else is someone's directory: it is never deleted or written into.
+fn refuse_foreign_out(out: &Path) -> Result<(), ModelError> {
+    let meta = match fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(out)(e)),
+        Ok(m) => m,
+    };
+    let refuse = |why: String| {
+        Err(ModelError::Invalid(format!(
+            "{}: {why}; refusing to replace it (choose a new or empty output directory)",
+            out.display()
+        )))
+    };
+    if !meta.is_dir() {
+        return refuse("exists and is not a directory".into());
+    }
+    let names: Vec<String> = fs::read_dir(out)
+        .map_err(io_err(out))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(out))?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    if let Some(foreign) = names
+        .iter()
+        .find(|n| !CHECKPOINT_FILES.contains(&n.as_str()))
+    {
+        return refuse(format!(
+            "is not empty and holds `{foreign}`, which is not part of a saved checkpoint"
+        ));
+    }
+    if !names.iter().any(|n| n == "config.json") {
+        return refuse("is not empty and is not a checkpoint (no config.json)".into());
+    }
+    Ok(())
+}
+
+fn write_checkpoint_files(
+    tmp: &Path,
+    config: &ModelConfig,
+    weights: &BTreeMap<String, Tensor>,
+    dtype: DType,
+    source: Option<&Path>,
+) -> Result<(), ModelError> {
     let cfg = config.to_json(super::dtype_name(dtype));
     let cfg_path = tmp.join("config.json");
     fs::write(
@@ -275,15 +375,5 @@ pub fn save_checkpoint(
             }
         }
     }
-    for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-        let p = e.map_err(io_err(&tmp))?.path();
-        fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&p))?;
-    }
-    if out.exists() {
-        fs::remove_dir_all(out).map_err(io_err(out))?;
-    }
-    fs::rename(&tmp, out).map_err(io_err(out))?;
     Ok(())
 }

@@ -30,6 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::{self as xfs, FileLock, IoContext, LinkMode, PathError, StatKey};
 
+/// The directories of an empty store.
+const SKELETON: [&str; 5] = ["objects", "tmp", "statcache", "checkouts", "refs"];
+
 /// The on-disk format this build reads and writes.
 pub const STORE_FORMAT: u32 = 1;
 
@@ -301,16 +304,29 @@ impl Store {
             return Store::open(root);
         }
         match fs::read_dir(&root) {
-            Ok(mut rd) => {
-                if rd.next().is_some() {
-                    return Err(StoreError::ForeignDirectory { path: root });
+            Ok(rd) => {
+                // Empty, or a store another process is creating right now (empty skeleton
+                // directories, its FORMAT temp file): anything else is someone's directory.
+                for e in rd {
+                    let e = e.at(&root)?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name == "FORMAT" {
+                        // Created by another process since the check above.
+                        return Store::open(root);
+                    }
+                    let skeleton = SKELETON.contains(&name.as_str())
+                        && e.file_type().is_ok_and(|t| t.is_dir())
+                        && fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
+                    if !(skeleton || name.starts_with(".FORMAT.")) {
+                        return Err(StoreError::ForeignDirectory { path: root });
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(PathError::new(&root, e).into()),
         }
         let store = Store { root };
-        for d in ["objects", "tmp", "statcache", "checkouts", "refs"] {
+        for d in SKELETON {
             let p = store.root.join(d);
             xfs::create_dir_all_durable(&p).at(&p)?;
         }
@@ -318,7 +334,13 @@ impl Store {
             store_format: STORE_FORMAT,
         })
         .expect("serialises");
-        xfs::atomic_write(&store.tmp_dir(), &format_path, &bytes, true).at(&format_path)?;
+        // The temp file lives in the root, not in tmp/, so a concurrent creator still sees tmp/ empty.
+        let tmp = store.root.join(xfs::unique_name(".FORMAT"));
+        let res = fs::write(&tmp, &bytes).and_then(|_| xfs::publish(&tmp, &format_path, true));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res.at(&format_path)?;
         Ok(store)
     }
 

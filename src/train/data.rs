@@ -102,6 +102,64 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, DataError> {
     Ok(out)
 }
 
+/// Content bytes that surely hold more than `max_len` tokens: no token covers more bytes than the
+/// longest string in the vocabulary, so `(max_len + 64) * longest` bytes make at least `max_len + 64`
+/// tokens (the 64 keep the cut away from the tokens that are kept).
+pub fn row_byte_bound(tok: &tokenizers::Tokenizer, max_len: usize) -> usize {
+    let longest = tok
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(16)
+        .clamp(4, 1024);
+    max_len.saturating_add(64).saturating_mul(longest)
+}
+
+/// The bytes of every string in a message list (or a message, or a string).
+pub fn content_bytes(v: Option<&Value>) -> usize {
+    match v {
+        Some(Value::String(s)) => s.len(),
+        Some(Value::Array(a)) => a.iter().map(|x| content_bytes(Some(x))).sum(),
+        Some(Value::Object(o)) => o.values().map(|x| content_bytes(Some(x))).sum(),
+        _ => 0,
+    }
+}
+
+/// Cut the strings of a message list so that together they keep at most `budget` bytes (at char
+/// boundaries, in order; later strings become empty). Message structure is kept, so the template
+/// renders the same turns.
+pub fn cut_contents(v: &mut Value, budget: usize) {
+    fn walk(v: &mut Value, left: &mut usize) {
+        match v {
+            Value::String(s) => {
+                if s.len() > *left {
+                    let mut cut = *left;
+                    while !s.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    s.truncate(cut);
+                }
+                *left -= s.len();
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, left)),
+            Value::Object(o) => {
+                for (k, x) in o.iter_mut() {
+                    // Roles and names are structure, not content.
+                    if k != "role" && k != "from" && k != "name" {
+                        walk(x, left);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if content_bytes(Some(v)) > budget {
+        let mut left = budget;
+        walk(v, &mut left);
+    }
+}
+
 fn row_err(path: &Path, line: usize, reason: impl Into<String>) -> DataError {
     DataError::Row {
         path: path.to_path_buf(),

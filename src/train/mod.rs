@@ -82,6 +82,61 @@ fn default_compute() -> String {
     "f32".into()
 }
 
+impl TrainConfig {
+    /// Reject settings that would train nonsense silently; each error names the flag.
+    pub fn validate(&self, context_len: Option<usize>) -> Result<(), TrainError> {
+        let bad = |flag: &str, why: String| Err(TrainError::Invalid(format!("--{flag}: {why}")));
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return bad(
+                "lr",
+                format!("{} is not a finite, non-negative learning rate", self.lr),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(
+                "warmup-ratio",
+                format!("{} is outside [0, 1]", self.warmup_ratio),
+            );
+        }
+        if !self.max_grad_norm.is_finite() || self.max_grad_norm < 0.0 {
+            return bad(
+                "max-grad-norm",
+                format!(
+                    "{} must be finite and >= 0 (0 disables clipping)",
+                    self.max_grad_norm
+                ),
+            );
+        }
+        if !self.adamw.weight_decay.is_finite() || self.adamw.weight_decay < 0.0 {
+            return bad(
+                "weight-decay",
+                format!("{} must be finite and >= 0", self.adamw.weight_decay),
+            );
+        }
+        for (flag, v) in [
+            ("batch-size", self.batch_size),
+            ("grad-accum", self.grad_accum),
+            ("epochs", self.epochs),
+            ("max-len", self.max_len),
+        ] {
+            if v == 0 {
+                return bad(flag, "must be at least 1".into());
+            }
+        }
+        if let Some(ctx) = context_len {
+            if self.max_len > ctx {
+                return bad(
+                    "max-len",
+                    format!("{} exceeds the model's context length {ctx}", self.max_len),
+                );
+            }
+        }
+        crate::model::parse_dtype(&self.compute_dtype)
+            .map_err(|e| TrainError::Invalid(format!("--compute-dtype: {e}")))?;
+        Ok(())
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -110,6 +165,100 @@ struct TrainerState {
     /// The objective's fingerprint (absent in checkpoints written before it was recorded).
     #[serde(default)]
     data: Option<String>,
+    /// blake3 over the starting model's files (config, weights, tokenizer): resuming a run with
+    /// `--model` pointing at another checkpoint is refused.
+    #[serde(default)]
+    base_model: Option<String>,
+}
+
+/// `checkpoint-N/checkpoint.json`: the digest of every file of the checkpoint, written last, so a
+/// checkpoint whose files were damaged or edited after it was made is recognised and skipped.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointManifest {
+    step: usize,
+    files: BTreeMap<String, String>,
+}
+
+const MANIFEST: &str = "checkpoint.json";
+
+/// blake3 of each regular file under `dir`, by '/'-separated relative path (the manifest itself
+/// excluded).
+fn digest_files(dir: &Path) -> Result<BTreeMap<String, String>, TrainError> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(String::new(), dir.to_path_buf())];
+    while let Some((prefix, d)) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io(&d))? {
+            let e = e.map_err(io(&d))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let ft = e.file_type().map_err(io(&e.path()))?;
+            if ft.is_dir() {
+                stack.push((rel, e.path()));
+            } else if ft.is_file() && rel != MANIFEST {
+                let p = e.path();
+                let mut h = blake3::Hasher::new();
+                h.update_mmap_rayon(&p).map_err(io(&p))?;
+                out.insert(rel, h.finalize().to_hex().to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The identity of a starting model: blake3 over its config, weights and tokenizer files.
+pub fn model_identity(dir: &Path) -> Result<String, TrainError> {
+    let files = digest_files(dir)?;
+    let mut h = blake3::Hasher::new();
+    for (rel, d) in files.iter().filter(|(rel, _)| {
+        rel.ends_with(".safetensors")
+            || rel.as_str() == "config.json"
+            || rel.as_str() == "tokenizer.json"
+    }) {
+        h.update(rel.as_bytes());
+        h.update(d.as_bytes());
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Why checkpoint `dir` (named for `step`) cannot be trusted, if it cannot: a missing or unreadable
+/// manifest, a file that differs from its recorded digest, a file missing or added, or a state whose
+/// step is not the one in its name.
+fn checkpoint_damage(dir: &Path, step: usize) -> Option<String> {
+    let text = match std::fs::read_to_string(dir.join(MANIFEST)) {
+        Ok(t) => t,
+        Err(e) => return Some(format!("{MANIFEST}: {e}")),
+    };
+    let m: CheckpointManifest = match serde_json::from_str(&text) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("{MANIFEST}: {e}")),
+    };
+    if m.step != step {
+        return Some(format!(
+            "{MANIFEST} names step {}, the directory step {step}",
+            m.step
+        ));
+    }
+    let now = match digest_files(dir) {
+        Ok(f) => f,
+        Err(e) => return Some(e.to_string()),
+    };
+    for (rel, d) in &m.files {
+        match now.get(rel) {
+            None => return Some(format!("`{rel}` is missing")),
+            Some(x) if x != d => {
+                return Some(format!("`{rel}` does not match its recorded digest"))
+            }
+            _ => {}
+        }
+    }
+    if let Some(extra) = now.keys().find(|k| !m.files.contains_key(*k)) {
+        return Some(format!("`{extra}` is not part of the checkpoint"));
+    }
+    None
 }
 
 /// Settings that may change between a crash and its resume: they decide what is written, not what
@@ -190,6 +339,8 @@ impl RunPaths {
 pub struct TrainSummary {
     pub steps: usize,
     pub resumed_from: Option<usize>,
+    /// Checkpoints that were found damaged and passed over on resume, with the reason.
+    pub skipped_checkpoints: Vec<(PathBuf, String)>,
     pub final_loss: f64,
     pub skipped_rows: usize,
     pub best_checkpoint: Option<usize>,
@@ -226,23 +377,50 @@ pub fn train(
     device: &Device,
     hooks: &Hooks,
 ) -> Result<TrainSummary, TrainError> {
-    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
-        return Err(TrainError::Invalid(
-            "batch size, gradient accumulation and epochs must be at least 1".into(),
-        ));
-    }
+    let ck = Checkpoint::open(policy)?;
+    cfg.validate(Some(ck.config.max_position_embeddings))?;
     let n = objective.len();
     if n == 0 {
         return Err(TrainError::Invalid("no training examples".into()));
     }
-    std::fs::create_dir_all(&paths.out).map_err(io(&paths.out))?;
+    crate::fs::create_dir_all_durable(&paths.out).map_err(io(&paths.out))?;
+    // One trainer per output directory: two would interleave checkpoints and metrics.
+    let lock_path = paths.out.join(".train.lock");
+    let mut _out_lock = match crate::fs::FileLock::try_lock(&lock_path, true) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            return Err(TrainError::Invalid(format!(
+                "{}: another training process is writing to this directory ({}); use another --out",
+                paths.out.display(),
+                holder.trim()
+            )));
+        }
+        Err(e) => return Err(io(&lock_path)(e)),
+    };
+    let _ = _out_lock.write_holder(&format!(
+        "pid {} on {}",
+        std::process::id(),
+        crate::fs::hostname()
+    ));
     let window = cfg.batch_size * cfg.grad_accum;
     let steps_per_epoch = n.div_ceil(window);
     let total = steps_per_epoch * cfg.epochs;
 
-    let ck = Checkpoint::open(policy)?;
     let fingerprint = objective.fingerprint();
-    let resume = paths.checkpoints().pop();
+    let base_model = model_identity(&ck.dir)?;
+    // The newest checkpoint that verifies; damaged ones are reported and passed over.
+    let mut skipped_checkpoints = Vec::new();
+    let mut resume = None;
+    for (step, dir) in paths.checkpoints().into_iter().rev() {
+        match checkpoint_damage(&dir, step) {
+            None => {
+                resume = Some((step, dir));
+                break;
+            }
+            Some(why) => skipped_checkpoints.push((dir, why)),
+        }
+    }
     let (weights_dir, mut opt, mut state, resumed_from) = match &resume {
         Some((step, dir)) => {
             let st: TrainerState = read_json(&dir.join("trainer_state.json"))?;
@@ -252,10 +430,18 @@ pub fn train(
                     dir.display()
                 )));
             }
-            if st.total_steps != total {
+            if st.base_model.as_ref().is_some_and(|b| b != &base_model) {
                 return Err(TrainError::Invalid(format!(
-                    "{}: checkpoint was made for {} steps, this run has {total}: different data or settings",
+                    "{}: cannot resume this checkpoint: it continues training another starting model than {}; use another --out or the original --model",
                     dir.display(),
+                    ck.dir.display()
+                )));
+            }
+            if st.total_steps != total || st.step != *step || st.step > total {
+                return Err(TrainError::Invalid(format!(
+                    "{}: checkpoint was made at step {} of {} steps, this run has {total}: different data or settings",
+                    dir.display(),
+                    st.step,
                     st.total_steps
                 )));
             }
@@ -275,6 +461,7 @@ pub fn train(
                 best: None,
                 config: cfg.clone(),
                 data: Some(fingerprint.clone()),
+                base_model: Some(base_model.clone()),
             },
             None,
         ),
@@ -423,6 +610,7 @@ pub fn train(
     Ok(TrainSummary {
         steps: state.step,
         resumed_from,
+        skipped_checkpoints,
         final_loss: last_loss,
         skipped_rows: objective.skipped(),
         best_checkpoint: state.best.map(|b| b.0),
@@ -480,7 +668,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
     if !body.is_empty() {
         body.push('\n');
     }
-    std::fs::write(path, body).map_err(io(path))
+    crate::fs::write_durable(path, body.as_bytes()).map_err(io(path))
 }
 
 /// checkpoint-N/{model/, optimizer.safetensors, trainer_state.json}, built aside and renamed into place.
@@ -492,30 +680,34 @@ fn save_train_checkpoint(
     state: &TrainerState,
 ) -> Result<(), TrainError> {
     let dest = paths.checkpoint(state.step);
-    let tmp = paths
-        .out
-        .join(format!(".checkpoint-{}.partial", state.step));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    save_checkpoint(
-        &tmp.join("model"),
-        &ck.config,
-        &model.weights(),
-        DType::F32,
-        Some(&ck.dir),
-    )?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    let st = tmp.join("trainer_state.json");
-    std::fs::write(&st, serde_json::to_vec_pretty(state).expect("serialises")).map_err(io(&st))?;
-    for f in [&st, &tmp.join("optimizer.safetensors")] {
-        std::fs::File::open(f)
-            .and_then(|x| x.sync_all())
-            .map_err(io(f))?;
-    }
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
-    }
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))
+    let tmp = crate::fs::temp_dir_beside(&dest).map_err(io(&dest))?;
+    let res = (|| {
+        save_checkpoint(
+            &tmp.join("model"),
+            &ck.config,
+            &model.weights(),
+            DType::F32,
+            Some(&ck.dir),
+        )?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        let st = tmp.join("trainer_state.json");
+        std::fs::write(&st, serde_json::to_vec_pretty(state).expect("serialises"))
+            .map_err(io(&st))?;
+        let manifest = CheckpointManifest {
+            step: state.step,
+            files: digest_files(&tmp)?,
+        };
+        let mp = tmp.join(MANIFEST);
+        std::fs::write(
+            &mp,
+            serde_json::to_vec_pretty(&manifest).expect("serialises"),
+        )
+        .map_err(io(&mp))?;
+        // A stale checkpoint-N (from a run whose later steps were lost) is swapped out atomically.
+        crate::fs::publish_replacing_dir(&tmp, &dest).map_err(io(&dest))
+    })();
+    let _ = crate::fs::remove_tree(&tmp);
+    res
 }
 
 fn prune(paths: &RunPaths, keep_last: usize, best: Option<usize>) -> Result<(), TrainError> {
@@ -524,7 +716,7 @@ fn prune(paths: &RunPaths, keep_last: usize, best: Option<usize>) -> Result<(), 
     for (i, (step, dir)) in all.into_iter().enumerate() {
         let recent = i + keep_last.max(1) >= n;
         if !recent && Some(step) != best {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            crate::fs::remove_tree(&dir).map_err(io(&dir))?;
         }
     }
     Ok(())

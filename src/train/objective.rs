@@ -124,8 +124,12 @@ impl SftObjective {
     ) -> Result<SftObjective, TrainError> {
         let mut examples = Vec::new();
         let mut skipped = 0;
+        let bound = super::data::row_byte_bound(tok, max_len);
         for row in read_rows(path)? {
-            let msgs = sft_messages(path, &row)?;
+            let mut msgs = sft_messages(path, &row)?;
+            // Only the first --max-len tokens are kept: text far past them is cut before
+            // tokenising, so one huge row costs what a row of --max-len tokens costs.
+            super::data::cut_contents(&mut msgs, bound);
             let mut ex =
                 tokenize_sft(template, tok, &msgs, extra).map_err(|source| DataError::Model {
                     path: path.to_path_buf(),
@@ -288,6 +292,35 @@ pub enum DpoLoss {
     },
 }
 
+/// Reject DPO settings outside their meaning; each error names the flag.
+pub fn validate_dpo(beta: f64, loss: &DpoLoss) -> Result<(), TrainError> {
+    let bad = |flag: &str, why: String| Err(TrainError::Invalid(format!("--{flag}: {why}")));
+    if !beta.is_finite() || beta <= 0.0 {
+        return bad("beta", format!("{beta} must be finite and > 0"));
+    }
+    let smoothing = match loss {
+        DpoLoss::Sigmoid { label_smoothing } => *label_smoothing,
+        DpoLoss::Wrpo {
+            alpha,
+            label_smoothing,
+            ..
+        } => {
+            if !(0.0..=1.0).contains(alpha) {
+                return bad("alpha", format!("{alpha} is outside [0, 1]"));
+            }
+            *label_smoothing
+        }
+        DpoLoss::LnDpo => 0.0,
+    };
+    if !(0.0..0.5).contains(&smoothing) {
+        return bad(
+            "label-smoothing",
+            format!("{smoothing} is outside [0, 0.5)"),
+        );
+    }
+    Ok(())
+}
+
 pub struct DpoObjective {
     pub beta: f64,
     pub loss: DpoLoss,
@@ -317,10 +350,23 @@ impl DpoObjective {
         beta: f64,
         loss: DpoLoss,
     ) -> Result<DpoObjective, TrainError> {
+        validate_dpo(beta, &loss)?;
         let wrpo = matches!(loss, DpoLoss::Wrpo { .. });
         let mut pairs = Vec::new();
         let mut skipped = 0;
-        for row in read_rows(path)? {
+        let bound = super::data::row_byte_bound(tok, max_len);
+        for mut row in read_rows(path)? {
+            // A prompt with more content bytes than `bound` has more than --max-len tokens: it
+            // would be skipped after tokenising, so skip it before. Answers past the bound are cut.
+            if super::data::content_bytes(row.value.get("prompt")) > bound {
+                skipped += 1;
+                continue;
+            }
+            for field in ["chosen", "rejected", "chosen_target"] {
+                if let Some(v) = row.value.get_mut(field) {
+                    super::data::cut_contents(v, bound);
+                }
+            }
             let mut p = tokenize_pair(path, &row, template, tok, extra, wrpo)?;
             if p.prompt.len() + 1 > max_len {
                 skipped += 1;

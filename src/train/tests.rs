@@ -518,21 +518,34 @@ fn bad_rows_are_errors_or_counted_skips() {
     let data = write_jsonl(tmp.path(), "pairs.jsonl", &[good.clone(), long]);
     let o = DpoObjective::load(&data, t, k, 64, &Value::Null, 0.1, DpoLoss::LnDpo).unwrap();
     assert_eq!((o.len(), o.skipped()), (1, 1));
-    // A NaN loss stops training before any update, naming the step and rows.
+    // NaN weights are refused when the model is loaded, naming the tensor (finding 20).
     let nan_dir = tmp.path().join("nan");
     let cfgm = ck.config.clone();
     let mut w = load_weights(&ck.dir, &cfgm, &Device::Cpu, DType::F32).unwrap();
-    let bad = (w["model.norm.weight"].clone() * f64::NAN).unwrap();
-    w.insert("model.norm.weight".into(), bad);
-    let weights = w.into_iter().collect();
+    let clean = w["model.norm.weight"].clone();
+    w.insert(
+        "model.norm.weight".into(),
+        (clean.clone() * f64::NAN).unwrap(),
+    );
+    let weights: BTreeMap<String, Tensor> = w.clone().into_iter().collect();
     crate::model::save_checkpoint(&nan_dir, &cfgm, &weights, DType::F32, Some(&ck.dir)).unwrap();
+    let e = load_weights(&nan_dir, &cfgm, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.norm.weight") && e.contains("NaN"), "{e}");
+    // Finite weights so large that the logits overflow: the non-finite loss stops training before
+    // any update, naming the step and rows.
+    let big_dir = tmp.path().join("big");
+    w.insert("model.norm.weight".into(), (clean * 1e38).unwrap());
+    let weights: BTreeMap<String, Tensor> = w.into_iter().collect();
+    crate::model::save_checkpoint(&big_dir, &cfgm, &weights, DType::F32, Some(&ck.dir)).unwrap();
     let data = write_jsonl(tmp.path(), "sft.jsonl", &count_rows(0..4));
     let obj = SftObjective::load(&data, t, k, 64, &Value::Null).unwrap();
     let paths = RunPaths {
         out: tmp.path().join("nanrun"),
     };
     let e = train(
-        &nan_dir,
+        &big_dir,
         &obj,
         None,
         &quick_cfg(1e-3),
@@ -547,7 +560,7 @@ fn bad_rows_are_errors_or_counted_skips() {
     .unwrap()
     .to_string();
     assert!(
-        e.contains("non-finite loss") && e.contains("step 1") && e.contains("no update"),
+        e.contains("non-finite") && e.contains("step 1") && e.contains("no update"),
         "{e}"
     );
 }
