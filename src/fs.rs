@@ -136,6 +136,17 @@ pub fn publish_replacing_dir(tmp: &Path, dest: &Path) -> io::Result<()> {
     sync_dir(parent)
 }
 
+/// Rename a file that is already fsynced (an object whose bytes were synced when written) and fsync
+/// the destination directory, so the new name survives a crash.
+pub fn rename_durable(src: &Path, dest: &Path) -> io::Result<()> {
+    fs::rename(src, dest)?;
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(parent)
+}
+
 /// rename(2) that fails with `AlreadyExists` instead of replacing `dest` (renameat2 NOREPLACE).
 pub fn rename_noreplace(src: &Path, dest: &Path) -> io::Result<()> {
     use std::ffi::CString;

@@ -408,8 +408,7 @@ impl Store {
         let dir = dest.parent().expect("object paths have a parent");
         xfs::create_dir_all_durable(dir).at(dir)?;
         xfs::set_readonly(tmp).at(tmp)?;
-        fs::rename(tmp, &dest).at(&dest)?;
-        xfs::sync_dir(dir).at(dir)?;
+        xfs::rename_durable(tmp, &dest).at(&dest)?;
         Ok(())
     }
 
@@ -911,7 +910,7 @@ impl Store {
                     // Damaged: move it aside (atomically, so a concurrent reader never sees it half
                     // deleted) and rebuild.
                     let aside = self.tmp_dir().join(xfs::unique_name("damaged-co"));
-                    if fs::rename(&dest, &aside).is_ok() {
+                    if xfs::rename_durable(&dest, &aside).is_ok() {
                         let _ = xfs::remove_tree(&aside);
                     }
                 }

@@ -424,17 +424,17 @@ pub fn train(
     let (weights_dir, mut opt, mut state, resumed_from) = match &resume {
         Some((step, dir)) => {
             let st: TrainerState = read_json(&dir.join("trainer_state.json"))?;
-            if let Some(why) = resume_mismatch(&st, cfg, &fingerprint) {
-                return Err(TrainError::Invalid(format!(
-                    "{}: cannot resume this checkpoint: {why}; use another --out or the original settings",
-                    dir.display()
-                )));
-            }
             if st.base_model.as_ref().is_some_and(|b| b != &base_model) {
                 return Err(TrainError::Invalid(format!(
                     "{}: cannot resume this checkpoint: it continues training another starting model than {}; use another --out or the original --model",
                     dir.display(),
                     ck.dir.display()
+                )));
+            }
+            if let Some(why) = resume_mismatch(&st, cfg, &fingerprint) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: cannot resume this checkpoint: {why}; use another --out or the original settings",
+                    dir.display()
                 )));
             }
             if st.total_steps != total || st.step != *step || st.step > total {

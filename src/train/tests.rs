@@ -291,9 +291,32 @@ fn sft_lowers_held_out_loss() {
         assert!(lines[5].get(k).is_some(), "{k}");
     }
     assert!(lines[11].get("eval/loss").is_some());
-    // keep-last 2 checkpoints (4 and 8; 12 is the final model).
-    let cks: Vec<usize> = paths.checkpoints().into_iter().map(|c| c.0).collect();
-    assert!(cks.len() <= 3 && cks.contains(&8), "{cks:?}");
+}
+
+/// keep-last must prune: more checkpoints are saved (2, 4, ..., 10) than kept (the last two, plus
+/// the best by held-out loss).
+#[test]
+fn keep_last_prunes_older_checkpoints_but_keeps_the_best() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        save_steps: 2,
+        keep_last: 2,
+        ..quick_cfg(3e-3)
+    };
+    let (_, _, s, paths) = sft_on_counting(tmp.path(), &cfg, true);
+    assert_eq!(s.steps, 12);
+    let cks: std::collections::BTreeSet<usize> =
+        paths.checkpoints().into_iter().map(|c| c.0).collect();
+    let best = s
+        .best_checkpoint
+        .expect("held-out data picks a best checkpoint");
+    let mut want: std::collections::BTreeSet<usize> = [8, 10].into();
+    want.insert(best);
+    assert_eq!(cks, want, "best {best}");
+    assert!(
+        !cks.contains(&2) || best == 2,
+        "checkpoint-2 should have been pruned: {cks:?}"
+    );
 }
 
 #[test]
