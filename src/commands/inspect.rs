@@ -14,7 +14,10 @@ use super::{human_bytes, open_store, print_json, Status};
 use crate::cli::{DiffArgs, JsonFlag, LineageArgs, LineageFormat, ShowArgs};
 
 pub fn list(store_path: &std::path::Path, args: &JsonFlag) -> Status {
-    let store = open_store(store_path)?;
+    // The experiments are listed even before the first run has made a store.
+    let store = Store::open_or_absent(store_path).map_err(|e| {
+        anyhow::anyhow!(e).context(format!("opening the store at {}", store_path.display()))
+    })?;
     let records = Records::new(&store);
     let reg = registry();
     let mut experiments = Vec::new();
