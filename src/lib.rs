@@ -1,6 +1,7 @@
 //! fuselab: reproducible FuseChat-3.0 implicit model fusion. The library holds all the machinery; the
 //! `fuselab` binary is a thin CLI over it.
 
+pub mod annotate;
 pub mod fs;
 pub mod generate;
 pub mod model;

@@ -32,6 +32,7 @@ fn main() {
         Command::Store(c) => commands::store(store, c),
         Command::Model(c) => commands::model(c),
         Command::Train(c) => commands::train(c),
+        Command::Annotate(c) => commands::annotate(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

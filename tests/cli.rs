@@ -1,6 +1,7 @@
 //! The one integration-test binary: drives the real `fuselab` CLI (and, where a test needs code the
 //! CLI cannot change, the library's recipe API) on temporary projects and stores.
 
+mod annotate;
 mod hardening;
 mod util;
 

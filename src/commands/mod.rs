@@ -1,11 +1,13 @@
 //! One function per subcommand. They print; the library computes.
 
+mod annotate;
 mod inspect;
 mod model;
 mod run;
 mod store;
 mod train;
 
+pub use annotate::annotate;
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};

@@ -1,0 +1,89 @@
+//! `annotate code`: sandboxed verdicts on code completions.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use fuselab::annotate::sandbox::{Isolation, Limits, Python};
+use fuselab::annotate::{check_code_files, CodeOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{print_json, Status};
+use crate::cli::AnnotateCommand;
+
+pub fn annotate(cmd: &AnnotateCommand) -> Status {
+    match cmd {
+        AnnotateCommand::Code {
+            problems,
+            completions,
+            jobs,
+            timeout,
+            memory_mib,
+            python,
+            json,
+        } => {
+            if !(timeout.is_finite() && *timeout > 0.0) {
+                bail!("--timeout: {timeout} must be a positive number of seconds");
+            }
+            if *jobs == 0 {
+                bail!("--jobs: must be at least 1");
+            }
+            let python = match python {
+                Some(p) => Python::find(p)?,
+                None => Python::default_choice()?,
+            };
+            let limits = Limits {
+                wall: Duration::from_secs_f64(*timeout),
+                cpu_s: timeout.ceil() as u64 + 1,
+                memory_bytes: memory_mib << 20,
+                ..Limits::default()
+            };
+            let opts = CodeOptions {
+                jobs: *jobs,
+                limits,
+                python,
+                isolation: None,
+            };
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "annotate code {bar:30} {pos} checks [{elapsed_precise}, {per_sec}]",
+                )
+                .expect("valid template"),
+            );
+            let report = check_code_files(problems, completions, &opts, &|n| {
+                bar.set_position(n as u64)
+            })?;
+            bar.finish_and_clear();
+            if let Isolation::RlimitsOnly(why) = &report.isolation {
+                eprintln!(
+                    "WARNING: the kernel refused namespaces ({why}); checks ran with rlimits and a \
+                     process group only: the code could reach the network and the host's files"
+                );
+            }
+            if *json {
+                print_json(&report.results);
+            } else {
+                let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+                for r in report.results.iter().filter(|r| !r.passed) {
+                    *reasons.entry(r.reason.as_str()).or_default() += 1;
+                }
+                println!(
+                    "n {}  passed {}  pass@1 {:.4}  time {:.1}s ({:.1} checks/s)  isolation {}",
+                    report.n,
+                    report.passed,
+                    report.pass_at_1,
+                    report.wall_s,
+                    report.n as f64 / report.wall_s.max(1e-9),
+                    match &report.isolation {
+                        Isolation::Namespaces => "namespaces",
+                        Isolation::RlimitsOnly(_) => "RLIMITS ONLY",
+                    }
+                );
+                for (reason, n) in reasons {
+                    println!("  {reason}: {n}");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
