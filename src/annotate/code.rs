@@ -252,7 +252,8 @@ pub fn load_completions(
     Ok(out)
 }
 
-/// The harness each check runs (inside the sandbox, as `python3 -I harness.py`): compile first
+/// The harness each check runs (inside the sandbox, as `python3 -I -S harness.py`: isolated mode,
+/// no `site`, so the standard library only and half the interpreter start-up): compile first
 /// (a syntax error is its own verdict and nothing runs), then execute; the verdict is the exit
 /// code, and the exception's type name goes to `verdict.txt`. The exit code is the channel because
 /// a hostile program can close stdout and stderr.

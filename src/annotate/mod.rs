@@ -73,7 +73,7 @@ fn check_one(
         let out = sandbox::run_python(
             &opts.python,
             &work,
-            &["-I", "harness.py"],
+            &["-I", "-S", "harness.py"],
             stdin.map(str::as_bytes),
             &opts.limits,
             isolation,

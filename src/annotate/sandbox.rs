@@ -238,7 +238,7 @@ impl PidsCgroup {
                 // SAFETY: signalling processes of the run's own cgroup.
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -250,7 +250,7 @@ impl Drop for PidsCgroup {
         // then rmdir says EBUSY.
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -409,7 +409,8 @@ fn run_namespaced(
             let _ = child.kill();
             break child.wait().ok();
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Short polls: most checks end within tens of milliseconds.
+        std::thread::sleep(Duration::from_millis(1));
     };
     // Nothing of the run may outlive it (and hold our pipes open).
     if let Some(cg) = &cgroup {
@@ -508,7 +509,8 @@ fn run_rlimits_only(
             timed_out = true;
             break None;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Short polls: most checks end within tens of milliseconds.
+        std::thread::sleep(Duration::from_millis(1));
     };
     // Whatever it left behind in its process group goes too.
     // SAFETY: signalling a process group we created.
