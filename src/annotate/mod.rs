@@ -3,6 +3,7 @@
 //! the other half of this stage (planned).
 
 pub mod code;
+pub mod math;
 pub mod sandbox;
 
 use std::collections::BTreeMap;
