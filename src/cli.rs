@@ -86,6 +86,20 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AnnotateCommand {
+    /// Judge math answers against gold answers: extraction (last \boxed{}, "the answer is",
+    /// `####`, last number), normalisation and equivalence (numeric, element-wise, equations,
+    /// symbolic); every verdict says why.
+    Math {
+        /// JSONL rows holding a gold answer (MATH solution, GSM8K answer or plain) and a response.
+        #[arg(long)]
+        answers: PathBuf,
+        #[arg(long, default_value = "gold")]
+        gold_field: String,
+        #[arg(long, default_value = "answer")]
+        answer_field: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run code completions against their problems' tests in a sandbox (no network, read-only
     /// system, private /tmp, rlimits, wall-clock limit) and print a verdict for each.
     Code {

@@ -1,6 +1,6 @@
 //! Correctness verdicts on answers, as FuseChat-3.0 labels math and code before construction: code
-//! checked by running it in a sandbox (`code` decides, `sandbox` runs). Math answer equivalence is
-//! the other half of this stage (planned).
+//! checked by running it in a sandbox (`code` decides, `sandbox` runs), math answers by extraction
+//! and equivalence (`math`, pure).
 
 pub mod code;
 pub mod math;
@@ -23,6 +23,8 @@ pub enum AnnotateError {
     Code(#[from] code::CodeError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Math(#[from] math::MathFileError),
 }
 
 /// The verdict on one completion.

@@ -12,6 +12,35 @@ use crate::cli::AnnotateCommand;
 
 pub fn annotate(cmd: &AnnotateCommand) -> Status {
     match cmd {
+        AnnotateCommand::Math {
+            answers,
+            gold_field,
+            answer_field,
+            json,
+        } => {
+            let started = std::time::Instant::now();
+            let rows = fuselab::annotate::math::judge_file(answers, gold_field, answer_field)?;
+            if *json {
+                print_json(&rows);
+            } else {
+                let correct = rows.iter().filter(|r| r.verdict.correct).count();
+                let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+                for r in &rows {
+                    *reasons.entry(r.verdict.reason).or_default() += 1;
+                }
+                println!(
+                    "n {}  correct {}  accuracy {:.4}  time {:.3}s",
+                    rows.len(),
+                    correct,
+                    correct as f64 / rows.len() as f64,
+                    started.elapsed().as_secs_f64()
+                );
+                for (reason, n) in reasons {
+                    println!("  {reason}: {n}");
+                }
+            }
+            Ok(0)
+        }
         AnnotateCommand::Code {
             problems,
             completions,

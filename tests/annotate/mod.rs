@@ -401,3 +401,66 @@ fn bad_input_names_file_and_line() {
         "{e}"
     );
 }
+
+#[test]
+fn annotate_math_judges_a_file_and_names_bad_lines() {
+    let t = TestContext::new();
+    let f = t.dir.path().join("answers.jsonl");
+    write_jsonl(
+        &f,
+        &[
+            json!({"task_id": "gsm/1", "gold": "Janet sells 9 eggs.\n#### 18", "answer": "She makes 9 * 2 = $18.\n#### 18"}),
+            json!({"task_id": "math/1", "gold": "So $p = \\boxed{\\frac{1}{2}}$.", "answer": "The answer is $\\boxed{0.5}$"}),
+            json!({"task_id": "math/2", "gold": "\\boxed{(1,2)}", "answer": "\\boxed{12}"}),
+            json!({"id": 7, "gold": "5", "answer": "no idea"}),
+        ],
+    );
+    let v: Value = t.json(&["annotate", "math", "--answers", f.to_str().unwrap()]);
+    let got: Vec<(String, bool, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["task_id"].as_str().unwrap().to_string(),
+                r["correct"].as_bool().unwrap(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("gsm/1".to_string(), true, "normalised".to_string()),
+            ("math/1".to_string(), true, "numeric".to_string()),
+            ("math/2".to_string(), false, "different".to_string()),
+            ("7".to_string(), false, "no answer found".to_string()),
+        ]
+    );
+    let text = t.ok(&["annotate", "math", "--answers", f.to_str().unwrap()]);
+    assert!(text.contains("n 4  correct 2  accuracy 0.5000"), "{text}");
+    // Other field names.
+    let g = t.dir.path().join("other.jsonl");
+    write_jsonl(&g, &[json!({"expected_answer": "3", "response": "x = 3"})]);
+    let v = t.json(&[
+        "annotate",
+        "math",
+        "--answers",
+        g.to_str().unwrap(),
+        "--gold-field",
+        "expected_answer",
+        "--answer-field",
+        "response",
+    ]);
+    assert_eq!(v[0]["correct"], true);
+    // Bad input.
+    fs::write(&g, "{\"gold\": \"1\", \"answer\": \"1\"}\n{broken\n").unwrap();
+    let e = t.fails(&["annotate", "math", "--answers", g.to_str().unwrap()]);
+    assert!(e.contains("other.jsonl:2") && e.contains("not JSON"), "{e}");
+    fs::write(&g, "{\"gold\": \"1\"}\n").unwrap();
+    let e = t.fails(&["annotate", "math", "--answers", g.to_str().unwrap()]);
+    assert!(e.contains("other.jsonl:1") && e.contains("`answer`"), "{e}");
+    fs::write(&g, "\n").unwrap();
+    let e = t.fails(&["annotate", "math", "--answers", g.to_str().unwrap()]);
+    assert!(e.contains("empty file"), "{e}");
+}
