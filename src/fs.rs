@@ -104,22 +104,7 @@ pub fn publish_replacing_dir(tmp: &Path, dest: &Path) -> io::Result<()> {
         return publish(tmp, dest, false);
     }
     sync_tree(tmp)?;
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let s = CString::new(tmp.as_os_str().as_bytes())?;
-    let d = CString::new(dest.as_os_str().as_bytes())?;
-    // SAFETY: both strings are valid, NUL-terminated paths for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            s.as_ptr(),
-            libc::AT_FDCWD,
-            d.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
+    if let Err(err) = renameat2(tmp, dest, libc::RENAME_EXCHANGE) {
         if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
             return Err(err);
         }
@@ -136,6 +121,29 @@ pub fn publish_replacing_dir(tmp: &Path, dest: &Path) -> io::Result<()> {
     sync_dir(parent)
 }
 
+/// renameat2(2) with `flags` (errno read right after the call, before anything can clobber it).
+fn renameat2(src: &Path, dest: &Path, flags: libc::c_uint) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let s = CString::new(src.as_os_str().as_bytes())?;
+    let d = CString::new(dest.as_os_str().as_bytes())?;
+    // SAFETY: both strings are valid, NUL-terminated paths for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            s.as_ptr(),
+            libc::AT_FDCWD,
+            d.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Rename a file that is already fsynced (an object whose bytes were synced when written) and fsync
 /// the destination directory, so the new name survives a crash.
 pub fn rename_durable(src: &Path, dest: &Path) -> io::Result<()> {
@@ -149,24 +157,9 @@ pub fn rename_durable(src: &Path, dest: &Path) -> io::Result<()> {
 
 /// rename(2) that fails with `AlreadyExists` instead of replacing `dest` (renameat2 NOREPLACE).
 pub fn rename_noreplace(src: &Path, dest: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let s = CString::new(src.as_os_str().as_bytes())?;
-    let d = CString::new(dest.as_os_str().as_bytes())?;
-    // SAFETY: both strings are valid, NUL-terminated paths for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            s.as_ptr(),
-            libc::AT_FDCWD,
-            d.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
+    let Err(err) = renameat2(src, dest, libc::RENAME_NOREPLACE) else {
         return Ok(());
-    }
-    let err = io::Error::last_os_error();
+    };
     match err.raw_os_error() {
         // Filesystems without RENAME_NOREPLACE: check, then rename (not atomic against a racer).
         Some(libc::EINVAL) | Some(libc::ENOSYS) => {

@@ -948,16 +948,7 @@ mod train_cli {
     use super::*;
 
     fn rows(n: u32) -> String {
-        (0..n)
-            .map(|i| {
-                let k = i % 5 + 1;
-                let ans: Vec<String> = (k..k + 4).map(|x| x.to_string()).collect();
-                serde_json::json!({"messages": [{"role": "user", "content": format!("Count from {k}.")},
-                                                {"role": "assistant", "content": ans.join(" ")}]})
-                .to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        util::sft_rows(n)
     }
 
     fn model() -> String {

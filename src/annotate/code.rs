@@ -126,22 +126,25 @@ fn field<'a>(path: &Path, line: usize, v: &'a Value, k: &str) -> Result<&'a str,
         })
 }
 
+/// A row's `task_id`, a string or (MBPP) a number.
+fn task_id_of(path: &Path, line: usize, v: &Value) -> Result<String, CodeError> {
+    match v.get("task_id") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(CodeError::Line {
+            path: path.to_path_buf(),
+            line,
+            reason: "missing `task_id`".into(),
+        }),
+    }
+}
+
 /// Problems: HumanEval (`task_id`, `prompt`, `test`, `entry_point`), MBPP (`task_id`, `test_list`,
 /// optional `test_setup_code`), or stdin/stdout (`task_id`, `tests`: [{input, output}]).
 pub fn load_problems(path: &Path) -> Result<BTreeMap<String, Problem>, CodeError> {
     let mut out = BTreeMap::new();
     for (line, v) in jsonl(path, "problems")? {
-        let task_id = match v.get("task_id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(CodeError::Line {
-                    path: path.to_path_buf(),
-                    line,
-                    reason: "missing `task_id`".into(),
-                })
-            }
-        };
+        let task_id = task_id_of(path, line, &v)?;
         let prompt = v
             .get("prompt")
             .and_then(Value::as_str)
@@ -221,17 +224,7 @@ pub fn load_completions(
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut out = Vec::new();
     for (line, v) in jsonl(path, "completions")? {
-        let task_id = match v.get("task_id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(CodeError::Line {
-                    path: path.to_path_buf(),
-                    line,
-                    reason: "missing `task_id`".into(),
-                })
-            }
-        };
+        let task_id = task_id_of(path, line, &v)?;
         if !problems.contains_key(&task_id) {
             return Err(CodeError::UnknownTask {
                 path: path.to_path_buf(),

@@ -266,6 +266,72 @@ pub fn process_limit() -> &'static str {
     }
 }
 
+/// Run `spawn` with the calling thread inside `cgroup` (when there is one), so the child is born
+/// in it; the thread leaves right after.
+fn spawn_in<T>(cgroup: &Option<PidsCgroup>, spawn: impl FnOnce() -> T) -> T {
+    let joined = cgroup.as_ref().is_some_and(PidsCgroup::enter);
+    let out = spawn();
+    if joined {
+        cgroup.as_ref().expect("joined").leave();
+    }
+    out
+}
+
+/// Threads draining a child's stdout and stderr, each keeping at most `cap` bytes.
+struct Drain {
+    out: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>,
+    err: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>,
+}
+
+impl Drain {
+    fn start(
+        out: Option<impl Read + Send + 'static>,
+        err: Option<impl Read + Send + 'static>,
+        cap: usize,
+    ) -> Drain {
+        Drain {
+            out: out.map(|r| std::thread::spawn(move || read_capped(r, cap))),
+            err: err.map(|r| std::thread::spawn(move || read_capped(r, cap))),
+        }
+    }
+
+    /// The kept bytes and whether anything was dropped, once both pipes are closed.
+    fn finish(self, exit: Exit, started: Instant) -> RunOutput {
+        let join = |h: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        let (stdout, stdout_truncated) = join(self.out);
+        let (stderr, stderr_truncated) = join(self.err);
+        RunOutput {
+            exit,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+            wall_s: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Poll `try_wait` until it reports an exit or `wall` has passed since `started`; true in the second
+/// field when the time ran out (the caller kills).
+fn wait_until<S, E>(
+    started: Instant,
+    wall: Duration,
+    mut try_wait: impl FnMut() -> Result<Option<S>, E>,
+) -> Result<(Option<S>, bool), E> {
+    loop {
+        if let Some(s) = try_wait()? {
+            return Ok((Some(s), false));
+        }
+        if started.elapsed() >= wall {
+            return Ok((None, true));
+        }
+        // Short polls: most checks end within tens of milliseconds.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Read at most `cap` bytes, then drain (so the child never blocks on a full pipe).
 fn read_capped(mut r: impl Read, cap: usize) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
@@ -375,72 +441,42 @@ fn run_namespaced(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // The pids cgroup is left last among locals, so it is dropped (every process in it killed)
-    // after the child handle.
+    // Every process the run makes is in this cgroup; it is killed at the end, whatever happened.
     let cgroup = PidsCgroup::create(limits.processes + 4);
-    let joined = cgroup.as_ref().is_some_and(PidsCgroup::enter);
     let started = Instant::now();
-    let spawned = cmd.spawn();
-    if joined {
-        cgroup.as_ref().expect("joined").leave();
-    }
-    let mut child = spawned.map_err(|e| SandboxError::Start(e.to_string()))?;
+    let mut child =
+        spawn_in(&cgroup, || cmd.spawn()).map_err(|e| SandboxError::Start(e.to_string()))?;
     feed(child.stdin.take(), stdin);
-    let cap = limits.output_bytes;
-    let out_r = child
-        .stdout
-        .take()
-        .map(|r| std::thread::spawn(move || read_capped(r, cap)));
-    let err_r = child
-        .stderr
-        .take()
-        .map(|r| std::thread::spawn(move || read_capped(r, cap)));
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) => {}
-            Err(e) => return Err(SandboxError::Start(e.to_string())),
-        }
-        if started.elapsed() >= limits.wall {
-            timed_out = true;
-            // The intermediate process dies; its child (pid 1 of the sandbox's pid namespace) has
-            // PDEATHSIG=SIGKILL, and when pid 1 dies the kernel kills every process in it.
-            let _ = child.kill();
-            break child.wait().ok();
-        }
-        // Short polls: most checks end within tens of milliseconds.
-        std::thread::sleep(Duration::from_millis(1));
+    let drain = Drain::start(
+        child.stdout.take(),
+        child.stderr.take(),
+        limits.output_bytes,
+    );
+    let (status, timed_out) = wait_until(started, limits.wall, || child.try_wait())
+        .map_err(|e| SandboxError::Start(e.to_string()))?;
+    let status = if timed_out {
+        // The intermediate process dies; its child (pid 1 of the sandbox's pid namespace) has
+        // PDEATHSIG=SIGKILL, and when pid 1 dies the kernel kills every process in it.
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    } else {
+        status
     };
     // Nothing of the run may outlive it (and hold our pipes open).
     if let Some(cg) = &cgroup {
         cg.kill_all();
     }
-    let (stdout, stdout_truncated) = out_r
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
-    let (stderr, stderr_truncated) = err_r
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
-    let exit = if timed_out {
-        Exit::Timeout
-    } else {
-        let s = status.ok_or_else(|| SandboxError::Start("no exit status".into()))?;
-        match s.exit_code {
+    let exit = match status {
+        None => Exit::Timeout,
+        Some(s) => match s.exit_code {
             Some(c) => Exit::Code(c),
             None if s.code > 128 => Exit::Signal(s.code - 128),
             // 125 without an exit code: the container itself could not be set up.
             None => return Err(SandboxError::Start(s.reason)),
-        }
+        },
     };
-    Ok(RunOutput {
-        exit,
-        stdout,
-        stderr,
-        stdout_truncated,
-        stderr_truncated,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
+    Ok(drain.finish(exit, started))
 }
 
 fn run_rlimits_only(
@@ -479,53 +515,30 @@ fn run_rlimits_only(
         });
     }
     let cgroup = PidsCgroup::create(limits.processes + 4);
-    let joined = cgroup.as_ref().is_some_and(PidsCgroup::enter);
     let started = Instant::now();
-    let spawned = cmd.spawn();
-    if joined {
-        cgroup.as_ref().expect("joined").leave();
-    }
-    let mut child = spawned.map_err(|e| SandboxError::Io {
+    let mut child = spawn_in(&cgroup, || cmd.spawn()).map_err(|e| SandboxError::Io {
         path: python.executable.clone(),
         source: e,
     })?;
     let pgid = child.id() as libc::pid_t;
     feed(child.stdin.take(), stdin);
-    let cap = limits.output_bytes;
-    let out_r = child
-        .stdout
-        .take()
-        .map(|r| std::thread::spawn(move || read_capped(r, cap)));
-    let err_r = child
-        .stderr
-        .take()
-        .map(|r| std::thread::spawn(move || read_capped(r, cap)));
-    let mut timed_out = false;
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break Some(s);
-        }
-        if started.elapsed() >= limits.wall {
-            timed_out = true;
-            break None;
-        }
-        // Short polls: most checks end within tens of milliseconds.
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    // Whatever it left behind in its process group goes too.
+    let drain = Drain::start(
+        child.stdout.take(),
+        child.stderr.take(),
+        limits.output_bytes,
+    );
+    let (status, timed_out) =
+        wait_until(started, limits.wall, || child.try_wait()).map_err(|e| SandboxError::Io {
+            path: python.executable.clone(),
+            source: e,
+        })?;
+    // Whatever it left behind in its process group (and its cgroup) goes too.
     // SAFETY: signalling a process group we created.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     let status = status.or_else(|| child.wait().ok());
-    // Nothing of the run may outlive it (and hold our pipes open).
     if let Some(cg) = &cgroup {
         cg.kill_all();
     }
-    let (stdout, stdout_truncated) = out_r
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
-    let (stderr, stderr_truncated) = err_r
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
     use std::os::unix::process::ExitStatusExt;
     let exit = match (timed_out, status) {
         (true, _) => Exit::Timeout,
@@ -536,14 +549,7 @@ fn run_rlimits_only(
         },
         (false, None) => Exit::Code(-1),
     };
-    Ok(RunOutput {
-        exit,
-        stdout,
-        stderr,
-        stdout_truncated,
-        stderr_truncated,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
+    Ok(drain.finish(exit, started))
 }
 
 /// Which isolation this machine gives: namespaces if a trivial sandboxed run works, else rlimits

@@ -245,12 +245,8 @@ impl Records {
         self.write(&self.cache_path(&entry.key), entry, true)
     }
 
-    pub fn cache_entries(&self) -> Result<Vec<(PathBuf, CacheEntry)>> {
-        Ok(self.cache_entries_lenient()?.0)
-    }
-
     /// Every cache entry that parses, and the files that do not.
-    pub fn cache_entries_lenient(&self) -> Result<(CacheEntries, Vec<UnreadableFile>)> {
+    pub fn cache_entries(&self) -> Result<(CacheEntries, Vec<UnreadableFile>)> {
         let (mut out, mut bad) = (Vec::new(), Vec::new());
         for p in list_json(&self.dir("keys"))? {
             match read_json(&p) {
@@ -407,7 +403,7 @@ impl Records {
                 });
             }
         }
-        let (entries, bad_entries) = self.cache_entries_lenient()?;
+        let (entries, bad_entries) = self.cache_entries()?;
         for (p, e) in entries {
             roots.push(Root {
                 artifact: e.outputs,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{self, outputs, Lcg, TestContext};
+use crate::util::{self, outputs, sft_rows, Lcg, TestContext};
 
 fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/hf/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -47,19 +47,6 @@ fn fsck_json(t: &TestContext) -> (bool, Value) {
     let out = t.output(&["fsck", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("fsck --json prints JSON");
     (out.status.success(), v)
-}
-
-fn sft_rows(n: u32) -> String {
-    (0..n)
-        .map(|i| {
-            let k = i % 5 + 1;
-            let ans: Vec<String> = (k..k + 4).map(|x| x.to_string()).collect();
-            serde_json::json!({"messages": [{"role": "user", "content": format!("Count from {k}.")},
-                                            {"role": "assistant", "content": ans.join(" ")}]})
-            .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 // ---------------------------------------------------------------- data loss

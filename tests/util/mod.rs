@@ -155,3 +155,17 @@ pub fn quiet_options(jobs: usize, project: std::path::PathBuf) -> fuselab::recip
         ),
     }
 }
+
+/// SFT rows of the counting task ("Count from k." -> "k k+1 k+2 k+3"), one JSON object a line.
+pub fn sft_rows(n: u32) -> String {
+    (0..n)
+        .map(|i| {
+            let k = i % 5 + 1;
+            let ans: Vec<String> = (k..k + 4).map(|x| x.to_string()).collect();
+            serde_json::json!({"messages": [{"role": "user", "content": format!("Count from {k}.")},
+                                            {"role": "assistant", "content": ans.join(" ")}]})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
