@@ -317,7 +317,12 @@ impl Store {
                     let skeleton = SKELETON.contains(&name.as_str())
                         && e.file_type().is_ok_and(|t| t.is_dir())
                         && fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
-                    if !(skeleton || name.starts_with(".FORMAT.")) {
+                    if !(skeleton || name.starts_with(".FORMAT")) {
+                        // A store created by another process since the first check (it may
+                        // already be writing objects) is a store, not a foreign directory.
+                        if format_path.exists() {
+                            return Store::open(root);
+                        }
                         return Err(StoreError::ForeignDirectory { path: root });
                     }
                 }

@@ -1182,3 +1182,30 @@ fn f20_out_of_range_numbers_name_their_flag() {
     }
     assert!(!out_dir.join("model").exists());
 }
+
+/// Finding 4, the other side: the store-creation rule must not refuse a store that another process
+/// is creating at the same moment. Four first runs on a missing store, ten times.
+#[test]
+fn f04_concurrent_first_runs_all_create_or_join_the_store() {
+    let t = TestContext::new();
+    for round in 0..10 {
+        let store = t.dir.path().join(format!("fresh-{round}"));
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(util::BIN)
+                    .arg("--store")
+                    .arg(&store)
+                    .args(["run", "hello", "--set", "corpus=corpus"])
+                    .current_dir(&t.project)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for r in runs {
+            let out = r.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", stderr_of(&out));
+        }
+    }
+}
