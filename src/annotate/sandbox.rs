@@ -255,17 +255,6 @@ impl Drop for PidsCgroup {
     }
 }
 
-/// What bounds the number of processes a check can make, on this machine.
-pub fn process_limit() -> &'static str {
-    if PidsCgroup::create(64).is_some() {
-        "cgroup pids.max"
-    } else if unsafe { libc::geteuid() } != 0 {
-        "RLIMIT_NPROC"
-    } else {
-        "wall clock only (host root without a writable pids cgroup: RLIMIT_NPROC does not bind root)"
-    }
-}
-
 /// Run `spawn` with the calling thread inside `cgroup` (when there is one), so the child is born
 /// in it; the thread leaves right after.
 fn spawn_in<T>(cgroup: &Option<PidsCgroup>, spawn: impl FnOnce() -> T) -> T {

@@ -652,6 +652,17 @@ impl Store {
 
     /// The digest a directory would have as a tree, computed without storing anything.
     pub fn digest_dir(dir: &Path) -> Result<ArtifactRef> {
+        let tree = Tree::new(Self::file_digests(dir)?);
+        Ok(ArtifactRef {
+            kind: ArtifactKind::Tree,
+            digest: Digest(*blake3::hash(&tree.to_bytes()).as_bytes()),
+            size: tree.size(),
+        })
+    }
+
+    /// Every regular file under `dir` with its '/'-separated relative path, size and fresh digest,
+    /// sorted by path (symlinks and special files are errors).
+    pub fn file_digests(dir: &Path) -> Result<Vec<TreeEntry>> {
         let mut entries = Vec::new();
         for (rel, p) in Self::walk(dir)? {
             let size = fs::metadata(&p).at(&p)?.len();
@@ -661,12 +672,7 @@ impl Store {
                 size,
             });
         }
-        let tree = Tree::new(entries);
-        Ok(ArtifactRef {
-            kind: ArtifactKind::Tree,
-            digest: Digest(*blake3::hash(&tree.to_bytes()).as_bytes()),
-            size: tree.size(),
-        })
+        Ok(entries)
     }
 
     /// The digest a file or directory has, freshly hashed, without storing anything.
@@ -1082,9 +1088,16 @@ impl Store {
                 .chain(&roots.torn_cache_entries)
                 .cloned()
                 .collect(),
-            damaged_checkouts: self.damaged_checkouts()?,
             ..Default::default()
         };
+        // The scan above has just hashed every object: checkouts are judged by its result rather
+        // than by hashing their objects a second time.
+        let intact: BTreeSet<Digest> = results
+            .iter()
+            .filter(|(_, _, bad)| bad.is_none())
+            .map(|(d, _, _)| *d)
+            .collect();
+        report.damaged_checkouts = self.damaged_checkouts(&|d| intact.contains(d))?;
         let reach = reach.seen;
         for (d, size, bad) in results {
             report.objects_checked += 1;
@@ -1154,7 +1167,7 @@ impl Store {
             report.removed_objects.push((d, size));
         }
         let damaged: BTreeSet<PathBuf> = self
-            .damaged_checkouts()?
+            .damaged_checkouts(&|d| self.verify_object(d).is_ok())?
             .into_iter()
             .map(|c| c.path)
             .collect();
@@ -1187,8 +1200,11 @@ impl Store {
     }
 
     /// Materialised checkouts that no longer match their tree (edited, added or removed files), or
-    /// whose tree cannot be read.
-    pub fn damaged_checkouts(&self) -> Result<Vec<DamagedCheckout>> {
+    /// whose tree cannot be read. `intact` tells whether an object is present and verifies.
+    pub fn damaged_checkouts(
+        &self,
+        intact: &dyn Fn(&Digest) -> bool,
+    ) -> Result<Vec<DamagedCheckout>> {
         let mut out = Vec::new();
         let dir = self.root.join("checkouts");
         let Ok(rd) = fs::read_dir(&dir) else {
@@ -1208,10 +1224,7 @@ impl Store {
                     Err(err) => Some(format!("its tree cannot be read: {err}")),
                     Ok(tree) => {
                         // Hardlinks are accepted by inode only for objects that verify.
-                        let bad_object = tree
-                            .entries
-                            .iter()
-                            .find(|t| self.verify_object(&t.digest).is_err());
+                        let bad_object = tree.entries.iter().find(|t| !intact(&t.digest));
                         match bad_object {
                             Some(t) => {
                                 Some(format!("object {} of `{}` is damaged", t.digest, t.path))

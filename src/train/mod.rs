@@ -28,6 +28,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Data(#[from] data::DataError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -184,29 +186,11 @@ const MANIFEST: &str = "checkpoint.json";
 /// blake3 of each regular file under `dir`, by '/'-separated relative path (the manifest itself
 /// excluded).
 fn digest_files(dir: &Path) -> Result<BTreeMap<String, String>, TrainError> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![(String::new(), dir.to_path_buf())];
-    while let Some((prefix, d)) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(io(&d))? {
-            let e = e.map_err(io(&d))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let rel = if prefix.is_empty() {
-                name
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let ft = e.file_type().map_err(io(&e.path()))?;
-            if ft.is_dir() {
-                stack.push((rel, e.path()));
-            } else if ft.is_file() && rel != MANIFEST {
-                let p = e.path();
-                let mut h = blake3::Hasher::new();
-                h.update_mmap_rayon(&p).map_err(io(&p))?;
-                out.insert(rel, h.finalize().to_hex().to_string());
-            }
-        }
-    }
-    Ok(out)
+    Ok(crate::store::Store::file_digests(dir)?
+        .into_iter()
+        .filter(|e| e.path != MANIFEST)
+        .map(|e| (e.path, e.digest.to_string()))
+        .collect())
 }
 
 /// The identity of a starting model: blake3 over its config, weights and tokenizer files.

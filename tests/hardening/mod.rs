@@ -1075,111 +1075,94 @@ fn f19_unreadable_records_are_reported_not_fatal() {
     assert!(!crate::util::steps_with(&again, "ran").is_empty());
 }
 
-/// Finding 20: Out-of-range numbers were accepted with exit 0.
+/// Each `extra` appended to `base` must fail with an error naming its flag.
+fn each_refused(t: &TestContext, base: &[&str], cases: &[(&[&str], &str)]) {
+    for (extra, flag) in cases {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let out = t.output(&args);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(
+            stderr_of(&out).contains(flag),
+            "{extra:?}: {}",
+            stderr_of(&out)
+        );
+    }
+}
+
+/// Finding 20: out-of-range numbers were accepted with exit 0.
 #[test]
 fn f20_out_of_range_numbers_name_their_flag() {
     let t = TestContext::new();
-    let gen = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
+    let model = fixture("llama");
+    each_refused(
+        &t,
+        &[
             "model",
             "generate",
             "--model",
-            &fixture("llama"),
+            &model,
             "--prompt",
             "Count",
             "--max-new-tokens",
             "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    for (extra, flag) in [
-        (vec!["--temperature=-1"], "--temperature"),
-        (vec!["--temperature", "NaN"], "--temperature"),
-        (vec!["--temperature", "1", "--top-p", "0"], "--top-p"),
-        (vec!["--temperature", "1", "--top-p", "1.5"], "--top-p"),
-        (vec!["--repetition-penalty", "0"], "--repetition-penalty"),
-        (vec!["--stop", ""], "--stop"),
-    ] {
-        let out = t.output(&strs(&gen(&extra)));
-        assert!(!out.status.success(), "{extra:?} was accepted");
-        assert!(
-            stderr_of(&out).contains(flag),
-            "{extra:?}: {}",
-            stderr_of(&out)
-        );
-    }
+        ],
+        &[
+            (&["--temperature=-1"], "--temperature"),
+            (&["--temperature", "NaN"], "--temperature"),
+            (&["--temperature", "1", "--top-p", "0"], "--top-p"),
+            (&["--temperature", "1", "--top-p", "1.5"], "--top-p"),
+            (&["--repetition-penalty", "0"], "--repetition-penalty"),
+            (&["--stop", ""], "--stop"),
+        ],
+    );
     let data = t.dir.path().join("sft.jsonl");
     fs::write(&data, sft_rows(4)).unwrap();
     let out_dir = t.dir.path().join("run");
-    let sft = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
+    let (data_s, out_s) = (data.to_str().unwrap(), out_dir.to_str().unwrap());
+    each_refused(
+        &t,
+        &[
             "train",
             "sft",
             "--model",
-            &fixture("llama"),
+            &model,
             "--data",
-            data.to_str().unwrap(),
+            data_s,
             "--out",
-            out_dir.to_str().unwrap(),
+            out_s,
             "--save-steps",
             "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    for (extra, flag) in [
-        (vec!["--lr=-1"], "--lr"),
-        (vec!["--lr", "NaN"], "--lr"),
-        (vec!["--warmup-ratio", "1.5"], "--warmup-ratio"),
-        (vec!["--max-len", "100000"], "--max-len"),
-    ] {
-        let out = t.output(&strs(&sft(&extra)));
-        assert!(!out.status.success(), "{extra:?} was accepted");
-        assert!(
-            stderr_of(&out).contains(flag),
-            "{extra:?}: {}",
-            stderr_of(&out)
-        );
-    }
+        ],
+        &[
+            (&["--lr=-1"], "--lr"),
+            (&["--lr", "NaN"], "--lr"),
+            (&["--warmup-ratio", "1.5"], "--warmup-ratio"),
+            (&["--max-len", "100000"], "--max-len"),
+        ],
+    );
     let pairs = t.dir.path().join("pairs.jsonl");
     fs::write(&pairs, serde_json::json!({"prompt": [{"role": "user", "content": "Count."}],
         "chosen": [{"role": "assistant", "content": "1 2"}], "rejected": [{"role": "assistant", "content": "2 1"}]}).to_string()).unwrap();
-    for (extra, flag) in [
-        (vec!["--beta", "0"], "--beta"),
-        (
-            vec!["--beta", "0.1", "--label-smoothing", "0.5"],
-            "--label-smoothing",
-        ),
-    ] {
-        let mut v: Vec<String> = [
+    each_refused(
+        &t,
+        &[
             "train",
             "dpo",
             "--policy",
-            &fixture("llama"),
+            &model,
             "--data",
             pairs.to_str().unwrap(),
             "--out",
-            out_dir.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        let out = t.output(&strs(&v));
-        assert!(!out.status.success(), "{extra:?} was accepted");
-        assert!(
-            stderr_of(&out).contains(flag),
-            "{extra:?}: {}",
-            stderr_of(&out)
-        );
-    }
+            out_s,
+        ],
+        &[
+            (&["--beta", "0"], "--beta"),
+            (
+                &["--beta", "0.1", "--label-smoothing", "0.5"],
+                "--label-smoothing",
+            ),
+        ],
+    );
     assert!(!out_dir.join("model").exists());
 }
 
