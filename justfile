@@ -45,3 +45,11 @@ bench-annotate:
 # Math verdicts per second vs Hugging Face's math-verify (installs it into .bench/); updates BENCHMARKS.md.
 bench-math:
     bash benches/math.sh
+
+# Construction over 100k prompts / 2M scored answers vs the same rules in pandas (installs pandas into .bench/); updates BENCHMARKS.md.
+bench-construct:
+    bash benches/construct.sh
+
+# Sampling throughput (8 samples x 256 prompts) vs transformers generate (installs torch into .venv); updates BENCHMARKS.md.
+bench-sample:
+    bash benches/sample.sh

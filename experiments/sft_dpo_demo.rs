@@ -279,8 +279,8 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
             let mut report = serde_json::Map::new();
             for name in ["base", "sft", "dpo"] {
                 let model = decoder(ctx.input(name)?, &device)?;
-                let (loss, _) = evaluate(&model, &nll)?;
-                let (_, m) = evaluate(&model, &pairs)?;
+                let (loss, _) = evaluate(&model, &Default::default(), &nll)?;
+                let (_, m) = evaluate(&model, &Default::default(), &pairs)?;
                 let acc = m.get("rewards/accuracies").copied().unwrap_or(0.0);
                 let margin = m.get("rewards/margins").copied().unwrap_or(0.0);
                 ctx.metric(&format!("{name}/eval_nll"), loss);

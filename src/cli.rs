@@ -82,10 +82,228 @@ pub enum Command {
     /// Correctness verdicts: code answers run in a sandbox.
     #[command(subcommand)]
     Annotate(AnnotateCommand),
+    /// Prompt sets, answers and constructed sets: import from the usual layouts, show, export.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Build SFT rows and same-source DPO pairs from scored, checked answers (FuseChat-3.0's rules),
+    /// after decontamination against evaluation sets.
+    Construct(ConstructArgs),
+    /// Sample answers from a local model for every prompt of a prompt table, N per prompt by
+    /// category, with continuous batching; chunks survive a kill and a re-run finishes the rest.
+    Sample(SampleArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// A Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt table (from `data import`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Samples table to write (`.parquet`, or JSON lines).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Source name recorded in every sample (default: the model directory's name).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Samples per prompt for every category (the per-category flags override it).
+    #[arg(long, default_value_t = 1)]
+    pub n: u32,
+    #[arg(long)]
+    pub n_instruction: Option<u32>,
+    #[arg(long)]
+    pub n_math: Option<u32>,
+    #[arg(long)]
+    pub n_code: Option<u32>,
+    #[arg(long)]
+    pub n_second_language: Option<u32>,
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Do not stop at the model's end-of-sequence tokens (always `--max-new-tokens`; benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts per chunk (the unit a re-run resumes from).
+    #[arg(long, default_value_t = 64)]
+    pub chunk_size: usize,
+    /// Sequences decoding at once per worker.
+    #[arg(long, default_value_t = 16)]
+    pub slots: usize,
+    /// Worker threads (chunks in parallel); does not change any sample.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Where finished chunks are kept (default: `<out>.chunks/` beside the output).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    Auto,
+    Fields,
+    Messages,
+    Sharegpt,
+    FusechatSft,
+    FusechatDpo,
+    Answers,
+    Simpo,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportLayoutArg {
+    /// TRL / alignment-handbook: `messages`; `prompt`, `chosen`, `rejected` message lists.
+    Trl,
+    /// The released FuseChat-3.0 rows: `conversations` of {from, value}; `dataset`, `source_model`.
+    Fusechat,
+}
+
+// Parsed once per process; the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Import a prompt set (JSONL, JSON array or Parquet) or answers made elsewhere into a table.
+    /// Prompts come from flat fields (with the mapping below), `messages` or ShareGPT
+    /// `conversations`; the released FuseChat-3.0 rows become SFT / DPO tables; `answers`
+    /// (`prompt_id`, `source`, `text`) and SimPO's `all_generated_responses` become samples.
+    Import {
+        input: PathBuf,
+        /// The table to write: `.parquet`, or JSON lines for any other extension.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        layout: LayoutArg,
+        #[arg(long)]
+        id_field: Option<String>,
+        /// The field holding the prompt text (`fields` layout).
+        #[arg(long)]
+        prompt_field: Option<String>,
+        #[arg(long)]
+        system_field: Option<String>,
+        #[arg(long)]
+        gold_field: Option<String>,
+        #[arg(long)]
+        tests_field: Option<String>,
+        #[arg(long)]
+        entry_point_field: Option<String>,
+        /// A per-row category field (values: instruction, math, code, second_language).
+        #[arg(long)]
+        category_field: Option<String>,
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        category: Option<String>,
+        #[arg(long)]
+        language: Option<String>,
+        /// Source model name for answer rows that do not carry one.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a table's kind, row count, columns and first rows.
+    Show {
+        input: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export an SFT or DPO table for training tools.
+    Export {
+        input: PathBuf,
+        /// `.jsonl`, `.json` (an array) or `.parquet`.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "trl")]
+        layout: ExportLayoutArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ConstructArgs {
+    /// Prompt table (from `data import`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Samples table (from `sample` or `data import --layout answers`).
+    #[arg(long)]
+    pub samples: PathBuf,
+    /// Annotations table: score, correct per (prompt_id, source, sample_index).
+    #[arg(long)]
+    pub annotations: PathBuf,
+    /// Evaluation sets to decontaminate against (any table whose rows hold `messages` or a
+    /// prompt / question / instruction / problem / text field). Repeatable.
+    #[arg(long)]
+    pub eval: Vec<PathBuf>,
+    /// Output directory: sft.parquet, dpo.parquet, dropped.jsonl, composition.json, params.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Construction parameters as JSON (every open choice; see `fuselab construct --help`);
+    /// the flags below override single fields.
+    #[arg(long)]
+    pub params: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub sft_fraction: Option<f64>,
+    #[arg(long)]
+    pub gap_min: Option<f64>,
+    #[arg(long)]
+    pub gap_max: Option<f64>,
+    #[arg(long)]
+    pub gap_exclusive: bool,
+    #[arg(long, value_enum)]
+    pub pair_source: Option<PairSourceArg>,
+    #[arg(long)]
+    pub second_language_source: Option<String>,
+    #[arg(long)]
+    pub ngram: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PairSourceArg {
+    HighestChosen,
+    LargestGap,
+    SmallestGap,
+    FirstSource,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum AnnotateCommand {
+    /// Score conversations with a reward model (`*ForSequenceClassification` of llama, qwen2,
+    /// mistral, gemma2, or ArmoRM): each whole conversation chat-templated as transformers'
+    /// `apply_chat_template` does, the score read at the last non-pad token.
+    Reward {
+        /// The reward model's checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL of {"id", "messages"}.
+        #[arg(long)]
+        samples: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Judge math answers against gold answers: extraction (last \boxed{}, "the answer is",
     /// `####`, last number), normalisation and equivalence (numeric, element-wise, equations,
     /// symbolic); every verdict says why.
@@ -202,6 +420,18 @@ pub enum TrainCommand {
         /// its own attention block and positions, so the loss is the unpacked one with less padding.
         #[arg(long)]
         packing: bool,
+        #[command(flatten)]
+        args: TrainArgs,
+    },
+    /// A reward model (`*ForSequenceClassification`) on `prompt`/`chosen`/`rejected` message lists
+    /// with TRL RewardTrainer's Bradley-Terry loss (optional per-row `margin`). Starts from a
+    /// classifier or a causal LM (its `score` head then starts as transformers initialises it).
+    Rm {
+        #[arg(long)]
+        model: PathBuf,
+        /// Add `coef * mean((r_chosen + r_rejected)^2)` (TRL's `center_rewards_coefficient`).
+        #[arg(long)]
+        center_rewards: Option<f64>,
         #[command(flatten)]
         args: TrainArgs,
     },

@@ -2,10 +2,14 @@
 //! `fuselab` binary is a thin CLI over it.
 
 pub mod annotate;
+pub mod construct;
+pub mod data;
 pub mod fs;
 pub mod generate;
 pub mod model;
 pub mod recipe;
+pub mod reward;
+pub mod sample;
 pub mod store;
 pub mod train;
 pub mod util;

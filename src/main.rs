@@ -33,6 +33,9 @@ fn main() {
         Command::Model(c) => commands::model(c),
         Command::Train(c) => commands::train(c),
         Command::Annotate(c) => commands::annotate(c),
+        Command::Data(c) => commands::data(c),
+        Command::Construct(a) => commands::construct(a),
+        Command::Sample(a) => commands::sample(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -12,6 +12,63 @@ use crate::cli::AnnotateCommand;
 
 pub fn annotate(cmd: &AnnotateCommand) -> Status {
     match cmd {
+        AnnotateCommand::Reward {
+            model,
+            samples,
+            batch_size,
+            device,
+            json,
+        } => {
+            use fuselab::model::{parse_device, parse_dtype, Checkpoint};
+            use fuselab::reward::RewardModel;
+            let ck = Checkpoint::open(model)?;
+            let rm = RewardModel::load(
+                &ck,
+                &parse_device(&device.device)?,
+                parse_dtype(&device.dtype)?,
+            )?;
+            let rows = fuselab::data::read_values(samples)?;
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut convs = Vec::with_capacity(rows.len());
+            for (line, row) in &rows {
+                let id = row.get("id").cloned().unwrap_or(serde_json::Value::Null);
+                let msgs = row
+                    .get("messages")
+                    .filter(|m| m.is_array())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{}:{line}: no `messages` list", samples.display())
+                    })?;
+                ids.push(id);
+                convs.push(msgs.clone());
+            }
+            let bar = ProgressBar::with_draw_target(
+                Some(rows.len() as u64),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            let scores = rm.score_conversations(&ck, &convs, *batch_size, &mut |n| {
+                bar.set_position(n as u64)
+            })?;
+            bar.finish_and_clear();
+            let out: Vec<serde_json::Value> = ids
+                .into_iter()
+                .zip(scores)
+                .map(|(id, s)| {
+                    let mut v = serde_json::json!({"id": id, "score": s[0]});
+                    if s.len() > 1 {
+                        v["logits"] = serde_json::json!(s);
+                    }
+                    v
+                })
+                .collect();
+            if *json {
+                print_json(&out);
+            } else {
+                for v in out {
+                    println!("{}\t{}", v["id"], v["score"]);
+                }
+            }
+            Ok(0)
+        }
         AnnotateCommand::Math {
             answers,
             gold_field,

@@ -1,6 +1,7 @@
 //! One function per subcommand. They print; the library computes.
 
 mod annotate;
+mod data;
 mod inspect;
 mod model;
 mod run;
@@ -8,6 +9,7 @@ mod store;
 mod train;
 
 pub use annotate::annotate;
+pub use data::{construct, data, sample};
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};

@@ -1,4 +1,4 @@
-//! `train sft` and `train dpo`.
+//! `train sft`, `train rm` and `train dpo`.
 
 use std::path::Path;
 
@@ -144,6 +144,48 @@ pub fn train(cmd: &TrainCommand) -> Status {
                     obj.skipped()
                 );
             }
+            run(
+                model,
+                &obj,
+                eval.as_ref().map(|e| e as &dyn Objective),
+                args,
+                &cfg,
+                &device,
+            )?;
+        }
+        TrainCommand::Rm {
+            model,
+            center_rewards,
+            args,
+        } => {
+            let ck = Checkpoint::open(model)?;
+            let cfg = config(args, 1e-5, ck.config.max_position_embeddings);
+            cfg.validate(Some(ck.config.max_position_embeddings))?;
+            let device = parse_device(&args.device)?;
+            let (t, k) = (ck.template()?, ck.tokenizer()?);
+            // TRL pads with the tokenizer's pad token (else its eos); the model reads at the last
+            // token that is not the config's pad id. Both come from the checkpoint.
+            let pad = ck
+                .config
+                .raw
+                .get("pad_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32);
+            let load = |p: &Path| {
+                fuselab::reward::RewardObjective::load(p, t, k, cfg.max_len, pad, *center_rewards)
+            };
+            let obj = load(&args.data)?;
+            if obj.skipped() > 0 {
+                eprintln!(
+                    "{}: skipped {} pairs longer than --max-len",
+                    args.data.display(),
+                    obj.skipped()
+                );
+            }
+            let eval = match &args.eval_data {
+                Some(p) => Some(load(p)?),
+                None => None,
+            };
             run(
                 model,
                 &obj,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{CandleContext, Decoder, KvCache, ModelError};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// 0 means greedy.

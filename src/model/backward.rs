@@ -287,6 +287,40 @@ impl Grads {
     }
 }
 
+/// Final hidden states from a training forward, with what their backward needs (reward heads).
+pub struct TracedHidden {
+    /// `[b, t, hidden]`, not attached to any graph.
+    pub hidden: Tensor,
+    tape: Tape,
+    model: Decoder,
+}
+
+impl Decoder {
+    /// Final hidden states `[b, t, hidden]` as [`Decoder::hidden`], recorded for
+    /// [`TracedHidden::backward`].
+    pub fn traced_hidden(&self, ids: &[Vec<u32>], attn: &[Vec<u8>]) -> Res<TracedHidden> {
+        let model = self.detached()?;
+        let mut tape = Tape::default();
+        let hidden = model.hidden_recorded(ids, attn, None, Some(&mut tape))?;
+        tape.shape = (ids.len(), ids.first().map_or(0, Vec::len));
+        Ok(TracedHidden {
+            hidden,
+            tape,
+            model,
+        })
+    }
+}
+
+impl TracedHidden {
+    /// Gradients of `sum(dhidden * hidden)` for every backbone weight, by Hugging Face name.
+    pub fn backward(self, dhidden: &Tensor) -> Res<BTreeMap<String, Tensor>> {
+        let TracedHidden { tape, model, .. } = self;
+        let mut grads = Grads(BTreeMap::new());
+        body_backward(&model, &tape, dhidden, &mut grads).ctx(|| "backward".into())?;
+        Ok(grads.0)
+    }
+}
+
 impl Traced {
     /// Gradients of `sum(dlogps * logps)` for every weight, by Hugging Face name, in the model's
     /// dtype (tied embeddings: one entry with both contributions).
@@ -304,7 +338,6 @@ fn backward(
     let cfg = &m.config;
     let dt = m.dtype();
     let ac = acc(dt);
-    let gemma = cfg.family == Family::Gemma2;
     let (b, t) = tape.shape;
     let hidden = cfg.hidden_size;
     let mut grads = Grads(BTreeMap::new());
@@ -346,6 +379,32 @@ fn backward(
         &[&dh_rows, &Tensor::zeros((b, 1, hidden), dt, m.device())?],
         1,
     )?;
+    body_backward(m, &tape, &dhf, &mut grads)?;
+    let dlm = dlm.ok_or_else(missing)?;
+    if cfg.tie_word_embeddings {
+        grads.add("model.embed_tokens.weight".into(), dlm)?;
+    } else {
+        grads.add("lm_head.weight".into(), dlm)?;
+    }
+    Ok(grads.0)
+}
+
+/// From the gradient of the final norm's output `[b, t, hidden]` down through every layer into the
+/// embeddings: the part of the backward shared by the language-model head and reward heads.
+fn body_backward(
+    m: &Decoder,
+    tape: &Tape,
+    dhf: &Tensor,
+    grads: &mut Grads,
+) -> candle_core::Result<()> {
+    let cfg = &m.config;
+    let dt = m.dtype();
+    let ac = acc(dt);
+    let gemma = cfg.family == Family::Gemma2;
+    let (b, t) = tape.shape;
+    let hidden = cfg.hidden_size;
+    let missing = || candle_core::Error::Msg("backward without a recorded forward".into());
+    let dhf = dhf.to_dtype(dt)?;
     let eps = cfg.rms_norm_eps;
     let hf_in = tape.final_norm.as_ref().ok_or_else(missing)?;
     let (mut dh, dwn) = norm_bwd(hf_in, &m.norm, &dhf, eps, gemma)?;
@@ -453,12 +512,5 @@ fn backward(
     }
     let ids = tape.ids.as_ref().ok_or_else(missing)?;
     let de = Tensor::zeros(m.embed.shape(), dt, m.device())?.index_add(ids, &dh, 0)?;
-    grads.add("model.embed_tokens.weight".into(), de)?;
-    let dlm = dlm.ok_or_else(missing)?;
-    if cfg.tie_word_embeddings {
-        grads.add("model.embed_tokens.weight".into(), dlm)?;
-    } else {
-        grads.add("lm_head.weight".into(), dlm)?;
-    }
-    Ok(grads.0)
+    grads.add("model.embed_tokens.weight".into(), de)
 }

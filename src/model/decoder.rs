@@ -63,7 +63,7 @@ pub(crate) struct Layer {
 /// Keys and values of every layer for the tokens seen so far.
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl KvCache {

@@ -377,3 +377,28 @@ fn write_checkpoint_files(
     }
     Ok(())
 }
+
+/// Tensors outside the decoder (a reward model's heads), by name, from the checkpoint's weight
+/// files: the ones present, converted to `dtype` on `device`, with the file each came from.
+pub fn load_named(
+    dir: &Path,
+    names: &[String],
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, (Tensor, PathBuf)>, ModelError> {
+    let mut out = HashMap::new();
+    for f in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
+            .ctx(|| format!("reading {}", f.display()))?;
+        for (name, t) in tensors {
+            if names.contains(&name) {
+                let t = t
+                    .to_dtype(dtype)
+                    .and_then(|t| t.to_device(device))
+                    .ctx(|| format!("converting `{name}`"))?;
+                out.insert(name, (t, f.clone()));
+            }
+        }
+    }
+    Ok(out)
+}

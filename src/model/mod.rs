@@ -8,12 +8,13 @@ pub mod config;
 pub mod decoder;
 pub mod fused;
 mod io;
+mod kv;
 
-pub use backward::{Tape, Traced};
+pub use backward::{Tape, Traced, TracedHidden};
 pub use chat::ChatTemplate;
 pub use config::{Family, ModelConfig};
 pub use decoder::{Decoder, KvCache};
-pub use io::{load_weights, save_checkpoint, Checkpoint};
+pub use io::{load_named, load_weights, save_checkpoint, Checkpoint};
 
 use std::path::PathBuf;
 

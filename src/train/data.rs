@@ -57,29 +57,34 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>, DataError> {
     }
 }
 
+/// Parquet goes through the data stage's polars reader, so there is one Parquet path.
 fn read_parquet(path: &Path) -> Result<Vec<Row>, DataError> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file = std::fs::File::open(path).map_err(|e| DataError::Io {
-        path: path.to_path_buf(),
-        source: e,
+    let rows = crate::data::read_values(path).map_err(|e| match e {
+        crate::data::DataError::Io { path, source } => DataError::Io { path, source },
+        other => row_err(path, 0, format!("Parquet: {other}")),
     })?;
-    let bad = |line: usize, e: parquet::errors::ParquetError| {
-        row_err(path, line, format!("Parquet: {e}"))
-    };
-    let reader = SerializedFileReader::new(file).map_err(|e| bad(0, e))?;
-    let mut out = Vec::new();
-    for (i, row) in reader
-        .get_row_iter(None)
-        .map_err(|e| bad(0, e))?
-        .enumerate()
-    {
-        let row = row.map_err(|e| bad(i + 1, e))?;
-        out.push(Row {
-            line: i + 1,
-            value: row.to_json_value(),
-        });
+    Ok(rows
+        .into_iter()
+        .map(|(line, value)| Row {
+            line,
+            value: drop_nulls(value),
+        })
+        .collect())
+}
+
+/// Parquet columns are rectangular: a field absent from a row reads as null. The row model treats
+/// absent and null alike only where it says so, so nulls are removed (as the JSON rows lack them).
+fn drop_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, x)| (k, drop_nulls(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(drop_nulls).collect()),
+        x => x,
     }
-    Ok(out)
 }
 
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, DataError> {

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -450,8 +450,24 @@ pub fn train(
             None,
         ),
     };
-    let w = load_weights(&weights_dir, &ck.config, device, DType::F32)?;
-    let (model, vars) = Decoder::trainable(ck.config.clone(), w)?;
+    // A reward model trains the backbone and its own head; the language-model head is not loaded.
+    let mut config = ck.config.clone();
+    if objective.backbone_only() {
+        config.tie_word_embeddings = true;
+    }
+    let w = load_weights(&weights_dir, &config, device, DType::F32)?;
+    let (model, vars) = Decoder::trainable(config.clone(), w)?;
+    let head_vars = load_heads(objective, &config, &weights_dir, cfg.seed, device)?;
+    let mut all_vars = vars.clone();
+    all_vars.extend(head_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut out_config = config.clone();
+    objective.output_config(&mut out_config.raw);
+    let heads_now = || -> objective::Heads {
+        head_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    };
     let compute = crate::model::parse_dtype(&cfg.compute_dtype)?;
     truncate_metrics(&paths.metrics(), state.step)?;
     let mut metrics_file = std::fs::OpenOptions::new()
@@ -489,11 +505,12 @@ pub fn train(
         let cast = if compute == DType::F32 {
             None
         } else {
-            Some(Decoder::from_vars(ck.config.clone(), &vars, compute)?)
+            Some(Decoder::from_vars(config.clone(), &vars, compute)?)
         };
         let fwd = cast.as_ref().unwrap_or(&model);
+        let heads = heads_now();
         for micro in idx.chunks(cfg.batch_size) {
-            let out = objective.micro_loss(fwd, micro, step, total, norm)?;
+            let out = objective.micro_loss(fwd, &heads, micro, step, total, norm)?;
             let l = out
                 .loss
                 .to_dtype(DType::F64)
@@ -529,6 +546,22 @@ pub fn train(
                 }
                 accumulate(&mut grads, wg)?;
             }
+            for (leaf, traced) in out.hidden_traces {
+                let Some(dh) = g.get(&leaf) else { continue };
+                let mut wg = traced.backward(dh)?;
+                for (k2, t) in wg.iter_mut() {
+                    *t = t.to_dtype(DType::F32).ctx(|| format!("casting `{k2}`"))?;
+                }
+                accumulate(&mut grads, wg)?;
+            }
+            for (name, v) in &head_vars {
+                if let Some(gr) = g.get(v) {
+                    let gr = gr
+                        .to_dtype(DType::F32)
+                        .ctx(|| format!("casting `{name}`"))?;
+                    accumulate(&mut grads, BTreeMap::from([(name.clone(), gr)]))?;
+                }
+            }
         }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
@@ -538,7 +571,7 @@ pub fn train(
                 lines: idx.iter().map(|&i| objective.line(i)).collect(),
             });
         }
-        opt.update(&vars, &grads, lr)?;
+        opt.update(&all_vars, &grads, lr)?;
         state.step += 1;
         last_loss = loss_total;
         let dt = t0.elapsed().as_secs_f64();
@@ -553,7 +586,7 @@ pub fn train(
         let mut eval_loss = None;
         let save_now = cfg.save_steps > 0 && state.step % cfg.save_steps == 0;
         if let (Some(e), true) = (eval, save_now || state.step == total) {
-            let (el, em) = evaluate(&model, e)?;
+            let (el, em) = evaluate(&model, &heads_now(), e)?;
             line["eval/loss"] = json!(el);
             for (k2, v) in em {
                 line[format!("eval/{k2}")] = json!(v);
@@ -572,7 +605,8 @@ pub fn train(
                     state.best = Some((state.step, el));
                 }
             }
-            save_train_checkpoint(paths, &ck, &model, &opt, &state)?;
+            let weights = with_heads(&model, &head_vars);
+            save_train_checkpoint(paths, &ck, &out_config, &weights, &opt, &state)?;
             prune(paths, cfg.keep_last, state.best.map(|b| b.0))?;
         }
         if hooks.crash_after_step == Some(state.step) {
@@ -586,8 +620,8 @@ pub fn train(
     metrics_file.flush().map_err(io(&paths.metrics()))?;
     save_checkpoint(
         &paths.model(),
-        &ck.config,
-        &model.weights(),
+        &out_config,
+        &with_heads(&model, &head_vars),
         DType::F32,
         Some(policy),
     )?;
@@ -605,6 +639,7 @@ pub fn train(
 /// Mean loss and metrics over a held-out set, without gradients.
 pub fn evaluate(
     model: &Decoder,
+    heads: &objective::Heads,
     eval: &dyn Objective,
 ) -> Result<(f64, BTreeMap<String, f64>), TrainError> {
     let all: Vec<usize> = (0..eval.len()).collect();
@@ -612,7 +647,7 @@ pub fn evaluate(
     let mut loss = 0.0;
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     for chunk in all.chunks(8) {
-        let out = eval.micro_loss(model, chunk, 0, 1, norm)?;
+        let out = eval.micro_loss(model, heads, chunk, 0, 1, norm)?;
         loss += out
             .loss
             .detach()
@@ -656,10 +691,73 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
 }
 
 /// checkpoint-N/{model/, optimizer.safetensors, trainer_state.json}, built aside and renamed into place.
+/// The decoder's weights and the objective's heads, as saved.
+fn with_heads(model: &Decoder, heads: &BTreeMap<String, Var>) -> BTreeMap<String, Tensor> {
+    let mut w = model.weights();
+    w.extend(
+        heads
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone())),
+    );
+    w
+}
+
+/// The objective's trainable heads: from the starting (or resumed) weights when present, else
+/// N(0, 0.02) as transformers initialises a fresh `score` layer, from the trainer's seed.
+fn load_heads(
+    objective: &dyn Objective,
+    config: &crate::model::ModelConfig,
+    dir: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<BTreeMap<String, Var>, TrainError> {
+    let specs = objective.heads(config);
+    let mut out = BTreeMap::new();
+    if specs.is_empty() {
+        return Ok(out);
+    }
+    let names: Vec<String> = specs.iter().map(|s| s.0.clone()).collect();
+    let mut found = crate::model::load_named(dir, &names, device, DType::F32)?;
+    for (i, (name, shape)) in specs.into_iter().enumerate() {
+        let t = match found.remove(&name) {
+            Some((t, file)) => {
+                if t.dims() != shape.as_slice() {
+                    return Err(ModelError::ShapeMismatch {
+                        path: file,
+                        tensor: name,
+                        found: t.dims().to_vec(),
+                        expected: shape,
+                    }
+                    .into());
+                }
+                t
+            }
+            None => {
+                let n: usize = shape.iter().product();
+                let mut rng = crate::generate::Rng::new(seed, 0x4845_4144 + i as u64);
+                let mut v = Vec::with_capacity(n);
+                while v.len() < n {
+                    // Box-Muller: two uniforms, two normals.
+                    let (u1, u2) = (rng.next_f64().max(1e-300), rng.next_f64());
+                    let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+                    v.push((r * (std::f64::consts::TAU * u2).cos()) as f32);
+                    v.push((r * (std::f64::consts::TAU * u2).sin()) as f32);
+                }
+                v.truncate(n);
+                Tensor::from_vec(v, shape, device).ctx(|| format!("initialising `{name}`"))?
+            }
+        };
+        let var = Var::from_tensor(&t).ctx(|| format!("making `{name}` trainable"))?;
+        out.insert(name, var);
+    }
+    Ok(out)
+}
+
 fn save_train_checkpoint(
     paths: &RunPaths,
     ck: &Checkpoint,
-    model: &Decoder,
+    config: &crate::model::ModelConfig,
+    weights: &BTreeMap<String, Tensor>,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<(), TrainError> {
@@ -668,8 +766,8 @@ fn save_train_checkpoint(
     let res = (|| {
         save_checkpoint(
             &tmp.join("model"),
-            &ck.config,
-            &model.weights(),
+            config,
+            weights,
             DType::F32,
             Some(&ck.dir),
         )?;

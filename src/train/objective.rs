@@ -21,7 +21,12 @@ pub struct MicroOut {
     /// The log-probs the loss was built from, as autograd leaves, with the recorded forwards that
     /// carry their gradients on into the model's weights ([`Traced::backward`]).
     pub traces: Vec<(Var, Traced)>,
+    /// The same for final hidden states (reward heads read them).
+    pub hidden_traces: Vec<(Var, crate::model::TracedHidden)>,
 }
+
+/// Trainable tensors an objective adds beside the decoder, by Hugging Face name.
+pub type Heads = BTreeMap<String, Tensor>;
 
 /// Log-probs for a loss: a recorded forward whose output enters the (small) loss graph as a leaf.
 fn traced_logprobs(
@@ -51,11 +56,24 @@ pub trait Objective {
     fn micro_loss(
         &self,
         model: &Decoder,
+        heads: &Heads,
         idx: &[usize],
         step: usize,
         total: usize,
         norm: f64,
     ) -> Result<MicroOut, TrainError>;
+    /// Trainable tensors outside the decoder (a reward model's `score` head) with their shapes:
+    /// loaded from the starting checkpoint, else initialised as transformers does (N(0, 0.02)).
+    fn heads(&self, _config: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)> {
+        vec![]
+    }
+    /// The language-model head is unused (a reward model): the backbone is loaded and saved
+    /// without it.
+    fn backbone_only(&self) -> bool {
+        false
+    }
+    /// Adapt the saved `config.json` (a reward model becomes `*ForSequenceClassification`).
+    fn output_config(&self, _raw: &mut Value) {}
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64>;
     /// blake3 of everything that decides the loss of each example (tokens, labels, packing, loss
     /// settings): a resumed run must see the same, or it would continue a different run.
@@ -225,6 +243,7 @@ impl Objective for SftObjective {
     fn micro_loss(
         &self,
         model: &Decoder,
+        _heads: &Heads,
         idx: &[usize],
         _step: usize,
         _total: usize,
@@ -259,6 +278,7 @@ impl Objective for SftObjective {
             tokens: seqs.iter().map(|s| s.len()).sum(),
             sums: BTreeMap::new(),
             traces,
+            hidden_traces: vec![],
         })
     }
     fn finish_metrics(&self, _: &BTreeMap<String, f64>, _: usize) -> BTreeMap<String, f64> {
@@ -493,7 +513,7 @@ impl DpoObjective {
 }
 
 /// log σ(x), stable and differentiable: min(x, 0) - log(1 + exp(-|x|)).
-fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     let zeros = x.zeros_like()?;
     x.minimum(&zeros)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
@@ -514,6 +534,7 @@ impl Objective for DpoObjective {
     fn micro_loss(
         &self,
         model: &Decoder,
+        _heads: &Heads,
         idx: &[usize],
         step: usize,
         total: usize,
@@ -600,6 +621,7 @@ impl Objective for DpoObjective {
             tokens,
             sums,
             traces,
+            hidden_traces: vec![],
         })
     }
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {

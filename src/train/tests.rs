@@ -71,7 +71,9 @@ fn dpo_step_zero_matches_trl() {
         obj.compute_reference(&decoder("qwen2")).unwrap();
         let policy = decoder("llama");
         let all: Vec<usize> = (0..3).collect();
-        let out = obj.micro_loss(&policy, &all, 0, 1, 3.0).unwrap();
+        let out = obj
+            .micro_loss(&policy, &Default::default(), &all, 0, 1, 3.0)
+            .unwrap();
         let loss: f64 = out.loss.to_dtype(DType::F64).unwrap().to_scalar().unwrap();
         let want = &fx["dpo"][loss_name];
         assert!(
@@ -136,7 +138,14 @@ fn sft_loss_matches_transformers_masked_loss() {
     let model = decoder("llama");
     let all = [0usize, 1];
     let out = obj
-        .micro_loss(&model, &all, 0, 1, obj.normaliser(&all))
+        .micro_loss(
+            &model,
+            &Default::default(),
+            &all,
+            0,
+            1,
+            obj.normaliser(&all),
+        )
         .unwrap();
     let loss: f64 = out.loss.to_dtype(DType::F64).unwrap().to_scalar().unwrap();
     let want = fx["sft"]["batch_loss"].as_f64().unwrap();
@@ -172,10 +181,24 @@ fn packing_changes_neither_loss_nor_gradients() {
     };
     let all = [0usize, 1];
     let u = plain
-        .micro_loss(&model, &all, 0, 1, plain.normaliser(&all))
+        .micro_loss(
+            &model,
+            &Default::default(),
+            &all,
+            0,
+            1,
+            plain.normaliser(&all),
+        )
         .unwrap();
     let p = packed
-        .micro_loss(&model, &[0], 0, 1, packed.normaliser(&[0]))
+        .micro_loss(
+            &model,
+            &Default::default(),
+            &[0],
+            0,
+            1,
+            packed.normaliser(&[0]),
+        )
         .unwrap();
     assert_eq!(plain.normaliser(&all), packed.normaliser(&[0]));
     assert!(
@@ -241,7 +264,9 @@ fn sft_on_counting(
     let (t, k) = (ck.template().unwrap(), ck.tokenizer().unwrap());
     let train_o = SftObjective::load(&train_p, t, k, 64, &Value::Null).unwrap();
     let eval_o = SftObjective::load(&eval_p, t, k, 64, &Value::Null).unwrap();
-    let before = evaluate(&decoder("llama"), &eval_o).unwrap().0;
+    let before = evaluate(&decoder("llama"), &Default::default(), &eval_o)
+        .unwrap()
+        .0;
     let paths = RunPaths {
         out: tmp.join("run"),
     };
@@ -262,9 +287,13 @@ fn sft_on_counting(
     .unwrap();
     let trained = Checkpoint::open(&s.model).unwrap();
     let w = load_weights(&s.model, &trained.config, &Device::Cpu, DType::F32).unwrap();
-    let after = evaluate(&Decoder::new(trained.config.clone(), w).unwrap(), &eval_o)
-        .unwrap()
-        .0;
+    let after = evaluate(
+        &Decoder::new(trained.config.clone(), w).unwrap(),
+        &Default::default(),
+        &eval_o,
+    )
+    .unwrap()
+    .0;
     (before, after, s, paths)
 }
 
@@ -353,7 +382,7 @@ fn dpo_raises_held_out_reward_accuracy_and_margin() {
     };
     let train_o = mk("train.jsonl", 0..16);
     let eval_o = mk("eval.jsonl", 100..105);
-    let (_, m0) = evaluate(&decoder("llama"), &eval_o).unwrap();
+    let (_, m0) = evaluate(&decoder("llama"), &Default::default(), &eval_o).unwrap();
     assert_eq!(
         m0["rewards/margins"], 0.0,
         "policy = reference at the start"
@@ -377,7 +406,12 @@ fn dpo_raises_held_out_reward_accuracy_and_margin() {
     .unwrap();
     let trained = Checkpoint::open(&s.model).unwrap();
     let w = load_weights(&s.model, &trained.config, &Device::Cpu, DType::F32).unwrap();
-    let (_, m1) = evaluate(&Decoder::new(trained.config.clone(), w).unwrap(), &eval_o).unwrap();
+    let (_, m1) = evaluate(
+        &Decoder::new(trained.config.clone(), w).unwrap(),
+        &Default::default(),
+        &eval_o,
+    )
+    .unwrap();
     assert!(m1["rewards/accuracies"] >= 0.8, "{m1:?}");
     assert!(m1["rewards/margins"] > 0.5, "{m1:?}");
 }
@@ -607,7 +641,7 @@ fn wrpo_alpha_blends_source_and_target_answers() {
         );
         o.compute_reference(&decoder("qwen2")).unwrap();
         let out = o
-            .micro_loss(&decoder("llama"), &[0], step, 10, 1.0)
+            .micro_loss(&decoder("llama"), &Default::default(), &[0], step, 10, 1.0)
             .unwrap();
         out.loss
             .to_dtype(DType::F64)
@@ -625,7 +659,9 @@ fn wrpo_alpha_blends_source_and_target_answers() {
             },
         );
         o.compute_reference(&decoder("qwen2")).unwrap();
-        let out = o.micro_loss(&decoder("llama"), &[0], 0, 10, 1.0).unwrap();
+        let out = o
+            .micro_loss(&decoder("llama"), &Default::default(), &[0], 0, 10, 1.0)
+            .unwrap();
         out.loss
             .to_dtype(DType::F64)
             .unwrap()

@@ -1,0 +1,415 @@
+//! Tables on disk. Typed records become a polars `DataFrame` with a fixed schema per kind (messages
+//! as `list<struct<role, content>>`, the layout Hugging Face datasets write), which is written as
+//! Parquet tagged with its kind; JSON lines and JSON arrays are read through the same path, so every
+//! table format meets one row model. Files appear by atomic rename only.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use polars::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::DataError;
+
+/// Which record type a table holds; written into the Parquet footer as `fuselab_kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Prompts,
+    Samples,
+    Annotations,
+    Sft,
+    Dpo,
+}
+
+impl RecordKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Prompts => "prompts",
+            RecordKind::Samples => "samples",
+            RecordKind::Annotations => "annotations",
+            RecordKind::Sft => "sft",
+            RecordKind::Dpo => "dpo",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<RecordKind> {
+        [
+            RecordKind::Prompts,
+            RecordKind::Samples,
+            RecordKind::Annotations,
+            RecordKind::Sft,
+            RecordKind::Dpo,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+    }
+
+    pub fn schema(self) -> Schema {
+        let s = || DataType::String;
+        let messages = || {
+            DataType::List(Box::new(DataType::Struct(vec![
+                Field::new("role".into(), DataType::String),
+                Field::new("content".into(), DataType::String),
+            ])))
+        };
+        let cols: Vec<(&str, DataType)> = match self {
+            RecordKind::Prompts => vec![
+                ("id", s()),
+                ("dataset", s()),
+                ("category", s()),
+                ("messages", messages()),
+                ("gold", s()),
+                ("tests", s()),
+                ("entry_point", s()),
+                ("language", s()),
+            ],
+            RecordKind::Samples => vec![
+                ("prompt_id", s()),
+                ("source", s()),
+                ("sample_index", DataType::UInt32),
+                ("seed", DataType::UInt64),
+                ("text", s()),
+                ("tokens", DataType::UInt32),
+                ("finish", s()),
+            ],
+            RecordKind::Annotations => vec![
+                ("prompt_id", s()),
+                ("source", s()),
+                ("sample_index", DataType::UInt32),
+                ("score", DataType::Float64),
+                ("correct", DataType::Boolean),
+                ("reason", s()),
+            ],
+            RecordKind::Sft => vec![
+                ("prompt_id", s()),
+                ("dataset", s()),
+                ("category", s()),
+                ("source", s()),
+                ("sample_index", DataType::UInt32),
+                ("messages", messages()),
+                ("score", DataType::Float64),
+            ],
+            RecordKind::Dpo => vec![
+                ("prompt_id", s()),
+                ("dataset", s()),
+                ("category", s()),
+                ("source", s()),
+                ("prompt", messages()),
+                ("chosen", messages()),
+                ("rejected", messages()),
+                ("chosen_index", DataType::UInt32),
+                ("rejected_index", DataType::UInt32),
+                ("chosen_score", DataType::Float64),
+                ("rejected_score", DataType::Float64),
+            ],
+        };
+        cols.into_iter()
+            .map(|(n, t)| Field::new(n.into(), t))
+            .collect()
+    }
+}
+
+/// A record type with its table kind.
+pub trait Table: Serialize + DeserializeOwned {
+    const KIND: RecordKind;
+}
+
+impl Table for super::Prompt {
+    const KIND: RecordKind = RecordKind::Prompts;
+}
+impl Table for super::Sample {
+    const KIND: RecordKind = RecordKind::Samples;
+}
+impl Table for super::Annotation {
+    const KIND: RecordKind = RecordKind::Annotations;
+}
+impl Table for super::SftRow {
+    const KIND: RecordKind = RecordKind::Sft;
+}
+impl Table for super::DpoPair {
+    const KIND: RecordKind = RecordKind::Dpo;
+}
+
+fn polars_err(path: &Path) -> impl Fn(PolarsError) -> DataError + '_ {
+    move |source| DataError::Polars {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Records as a frame with their kind's schema (`path` names the table in errors).
+pub fn to_frame<T: Table>(rows: &[T], path: &Path) -> Result<DataFrame, DataError> {
+    let schema = T::KIND.schema();
+    if rows.is_empty() {
+        return Ok(DataFrame::empty_with_schema(&schema));
+    }
+    let mut lines = Vec::with_capacity(rows.len() * 64);
+    for r in rows {
+        serde_json::to_writer(&mut lines, r).expect("records serialise");
+        lines.push(b'\n');
+    }
+    JsonReader::new(Cursor::new(lines))
+        .with_json_format(JsonFormat::JsonLines)
+        .with_schema(Arc::new(schema))
+        .finish()
+        .map_err(polars_err(path))
+}
+
+/// Write a frame as Parquet at `path`, atomically, tagged with `kind`.
+pub fn write_frame(df: &mut DataFrame, kind: RecordKind, path: &Path) -> Result<(), DataError> {
+    let mut buf = Vec::new();
+    let meta = KeyValueMetadata::from_static(vec![("fuselab_kind".into(), kind.name().into())]);
+    ParquetWriter::new(&mut buf)
+        .with_key_value_metadata(Some(meta))
+        .finish(df)
+        .map_err(polars_err(path))?;
+    crate::fs::write_durable(path, &buf).map_err(io_err(path))
+}
+
+/// Write records as Parquet (`.parquet`) or JSON lines (any other extension), atomically.
+pub fn write_records<T: Table>(rows: &[T], path: &Path) -> Result<(), DataError> {
+    if is_parquet(path) {
+        let mut df = to_frame(rows, path)?;
+        write_frame(&mut df, T::KIND, path)
+    } else {
+        let mut out = Vec::new();
+        for r in rows {
+            serde_json::to_writer(&mut out, r).expect("records serialise");
+            out.push(b'\n');
+        }
+        crate::fs::write_durable(path, &out).map_err(io_err(path))
+    }
+}
+
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "parquet")
+}
+
+/// A Parquet file as a frame, with the kind it was tagged with (if it is one of ours).
+pub fn read_frame(path: &Path) -> Result<(DataFrame, Option<RecordKind>), DataError> {
+    crate::fs::require_regular(path).map_err(io_err(path))?;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut reader = ParquetReader::new(file);
+    let kind = reader
+        .get_metadata()
+        .map_err(polars_err(path))?
+        .key_value_metadata()
+        .as_ref()
+        .and_then(|kv| {
+            kv.iter()
+                .find(|e| e.key == "fuselab_kind")
+                .and_then(|e| e.value.as_deref())
+                .and_then(RecordKind::from_name)
+        });
+    let df = reader.finish().map_err(polars_err(path))?;
+    Ok((df, kind))
+}
+
+/// The rows of a frame as JSON objects (nulls included).
+pub fn frame_values(df: &mut DataFrame, path: &Path) -> Result<Vec<Value>, DataError> {
+    let mut buf = Vec::new();
+    JsonWriter::new(&mut buf)
+        .with_json_format(JsonFormat::JsonLines)
+        .finish(df)
+        .map_err(polars_err(path))?;
+    buf.split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_slice(l)
+                .map_err(|e| DataError::file(path, format!("row as JSON: {e}")))
+        })
+        .collect()
+}
+
+/// The rows of any table file, each with its line (JSONL), array index + 1 (JSON) or row number
+/// (Parquet), which errors cite as `file:N`.
+pub fn read_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    if is_parquet(path) {
+        let (mut df, _) = read_frame(path)?;
+        return Ok(frame_values(&mut df, path)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect());
+    }
+    crate::fs::require_regular(path).map_err(io_err(path))?;
+    let raw = std::fs::read(path).map_err(io_err(path))?;
+    let raw = if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out)
+            .map_err(io_err(path))?;
+        out
+    } else {
+        raw
+    };
+    let text =
+        String::from_utf8(raw).map_err(|e| DataError::file(path, format!("not UTF-8: {e}")))?;
+    let first = text.trim_start().chars().next();
+    let stem_json = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".json") || n.ends_with(".json.gz"));
+    if first == Some('[') && stem_json {
+        let rows: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+            DataError::row(path, e.line(), format!("not a JSON array of rows: {e}"))
+        })?;
+        return Ok(rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect());
+    }
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(l)
+            .map_err(|e| DataError::row(path, i + 1, format!("not JSON: {e}")))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// Typed records from a table file of kind `T` (a Parquet table of another kind is refused).
+pub fn read_records<T: Table>(path: &Path) -> Result<Vec<T>, DataError> {
+    if is_parquet(path) {
+        let (_, kind) = read_frame(path)?;
+        if let Some(k) = kind.filter(|k| *k != T::KIND) {
+            return Err(DataError::file(
+                path,
+                format!("holds {} records, expected {}", k.name(), T::KIND.name()),
+            ));
+        }
+    }
+    read_values(path)?
+        .into_iter()
+        .map(|(line, v)| {
+            serde_json::from_value(v).map_err(|e| {
+                DataError::row(path, line, format!("not a {} record: {e}", T::KIND.name()))
+            })
+        })
+        .collect()
+}
+
+fn frame(cols: Vec<Column>, what: &str) -> Result<DataFrame, DataError> {
+    DataFrame::new_infer_height(cols)
+        .map_err(|e| DataError::Invalid(format!("building the {what} table: {e}")))
+}
+
+/// The samples' columns directly (no JSON round trip: this is the big table).
+pub fn samples_frame(rows: &[super::Sample]) -> Result<DataFrame, DataError> {
+    frame(
+        vec![
+            Column::new(
+                "prompt_id".into(),
+                rows.iter()
+                    .map(|r| r.prompt_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "source".into(),
+                rows.iter().map(|r| r.source.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "sample_index".into(),
+                rows.iter().map(|r| r.sample_index).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "seed".into(),
+                rows.iter().map(|r| r.seed).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "text".into(),
+                rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens".into(),
+                rows.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "finish".into(),
+                rows.iter().map(|r| r.finish.as_str()).collect::<Vec<_>>(),
+            ),
+        ],
+        "samples",
+    )
+}
+
+pub fn annotations_frame(rows: &[super::Annotation]) -> Result<DataFrame, DataError> {
+    frame(
+        vec![
+            Column::new(
+                "prompt_id".into(),
+                rows.iter()
+                    .map(|r| r.prompt_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "source".into(),
+                rows.iter().map(|r| r.source.as_str()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "sample_index".into(),
+                rows.iter().map(|r| r.sample_index).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "score".into(),
+                rows.iter().map(|r| r.score).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "correct".into(),
+                rows.iter().map(|r| r.correct).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "reason".into(),
+                rows.iter().map(|r| r.reason.clone()).collect::<Vec<_>>(),
+            ),
+        ],
+        "annotations",
+    )
+}
+
+/// A table of `kind` from a file: Parquet read as is (checked for the columns the kind needs),
+/// JSONL through the typed records.
+pub fn read_kind_frame(path: &Path, kind: RecordKind) -> Result<DataFrame, DataError> {
+    if is_parquet(path) {
+        let (df, tagged) = read_frame(path)?;
+        if let Some(k) = tagged.filter(|k| *k != kind) {
+            return Err(DataError::file(
+                path,
+                format!("holds {} records, expected {}", k.name(), kind.name()),
+            ));
+        }
+        for f in kind.schema().iter_fields() {
+            if df.column(f.name()).is_err() {
+                return Err(DataError::file(
+                    path,
+                    format!(
+                        "no column `{}`, which {} tables have",
+                        f.name(),
+                        kind.name()
+                    ),
+                ));
+            }
+        }
+        return Ok(df);
+    }
+    match kind {
+        RecordKind::Samples => samples_frame(&read_records(path)?),
+        RecordKind::Annotations => annotations_frame(&read_records(path)?),
+        RecordKind::Prompts => to_frame(&read_records::<super::Prompt>(path)?, path),
+        RecordKind::Sft => to_frame(&read_records::<super::SftRow>(path)?, path),
+        RecordKind::Dpo => to_frame(&read_records::<super::DpoPair>(path)?, path),
+    }
+}

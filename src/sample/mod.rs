@@ -1,0 +1,295 @@
+//! Sampling many answers per prompt from a local decoder with continuous batching: a fixed number
+//! of slots decode together; a finished sequence's slot takes the next waiting sample at once, and
+//! the N samples of one prompt start from one prefill of it (its KV cache copied into N rows).
+//! Each sample draws from its own random stream, fixed by (seed, prompt id, source, sample index),
+//! so what a sample says does not depend on which others share its batch. `job` cuts a prompt set
+//! into chunks that survive a kill and merges them.
+
+pub mod job;
+
+use candle_core::DType;
+
+use crate::generate::{pick, FinishReason, Rng, SamplingParams};
+use crate::model::{CandleContext, Decoder, KvCache, ModelError};
+
+/// One prompt to answer `n` times.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt_id: String,
+    pub tokens: Vec<u32>,
+    pub n: u32,
+}
+
+/// One finished sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub request: usize,
+    pub sample_index: u32,
+    pub seed: u64,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+/// The seed of one sample's random stream.
+pub fn sample_seed(seed: u64, prompt_id: &str, source: &str, index: u32) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"fuselab-sample-v1");
+    h.update(&seed.to_le_bytes());
+    for part in [prompt_id.as_bytes(), source.as_bytes()] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(&index.to_le_bytes());
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+struct Slot {
+    request: usize,
+    sample_index: u32,
+    seed: u64,
+    rng: Rng,
+    prompt_len: usize,
+    out: Vec<u32>,
+    /// The token picked last, not yet in the cache.
+    next: u32,
+    mask: Vec<u8>,
+}
+
+/// A prompt whose prefill is done and whose samples are not all admitted yet.
+struct Prefix {
+    request: usize,
+    cache: KvCache,
+    logits: Vec<f32>,
+    next_index: u32,
+}
+
+/// Statistics of one call, for the run record.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+    pub decode_steps: u64,
+}
+
+fn last_logits(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+    let t = logits.dim(1).ctx(|| "logits".into())?;
+    logits
+        .narrow(1, t - 1, 1)
+        .and_then(|x| x.squeeze(1))
+        .and_then(|x| x.to_dtype(DType::F32))
+        .and_then(|x| x.to_vec2())
+        .ctx(|| "reading logits".into())
+}
+
+/// Answer every request `n` times with at most `slots` sequences decoding at once. `params.seed`
+/// is the base seed; `decode` turns tokens into text for stop strings; `on_done` is called with
+/// (samples finished, tokens generated) so far. Answers come back in (request, sample index) order.
+pub fn sample(
+    model: &Decoder,
+    requests: &[Request],
+    source: &str,
+    params: &SamplingParams,
+    slots: usize,
+    decode: &dyn Fn(&[u32]) -> String,
+    on_done: &mut dyn FnMut(u64, u64),
+) -> Result<(Vec<Answer>, Stats), ModelError> {
+    params.validate()?;
+    let slots = slots.max(1);
+    let context = model.config.max_position_embeddings;
+    for r in requests {
+        if r.tokens.is_empty() {
+            return Err(ModelError::Invalid(format!(
+                "prompt `{}` has no tokens",
+                r.prompt_id
+            )));
+        }
+        if r.tokens.len() >= context {
+            return Err(ModelError::Invalid(format!(
+                "prompt `{}` has {} tokens; the model's context length is {context}",
+                r.prompt_id,
+                r.tokens.len()
+            )));
+        }
+    }
+    let mut stats = Stats::default();
+    let mut done: Vec<Answer> = Vec::new();
+    let mut active: Vec<Slot> = Vec::new();
+    let mut cache = KvCache::new();
+    let mut queue: std::collections::VecDeque<usize> =
+        (0..requests.len()).filter(|&i| requests[i].n > 0).collect();
+    let mut prefix: Option<Prefix> = None;
+    let stops = |tok: u32| params.stop_token_ids.contains(&tok);
+    loop {
+        // Fill free slots: first the remaining samples of the current prefix, then new prompts.
+        while active.len() < slots {
+            if prefix.is_none() {
+                let Some(r) = queue.pop_front() else { break };
+                let req = &requests[r];
+                let mut pc = KvCache::new();
+                let mask = vec![vec![1u8; req.tokens.len()]];
+                let logits =
+                    model.forward(std::slice::from_ref(&req.tokens), &mask, Some(&mut pc))?;
+                stats.prefill_tokens += req.tokens.len() as u64;
+                let logits = last_logits(&logits)?.pop().expect("one row");
+                prefix = Some(Prefix {
+                    request: r,
+                    cache: pc,
+                    logits,
+                    next_index: 0,
+                });
+            }
+            let p = prefix.as_mut().expect("set above");
+            let req = &requests[p.request];
+            let k = (slots - active.len()).min((req.n - p.next_index) as usize);
+            let mut admitted = Vec::new();
+            for _ in 0..k {
+                let index = p.next_index;
+                p.next_index += 1;
+                let seed = sample_seed(params.seed, &req.prompt_id, source, index);
+                let mut rng = Rng::new(seed, 0);
+                let mut row = p.logits.clone();
+                let tok = pick(&mut row, &req.tokens, params, &mut rng);
+                let mut slot = Slot {
+                    request: p.request,
+                    sample_index: index,
+                    seed,
+                    rng,
+                    prompt_len: req.tokens.len(),
+                    out: Vec::new(),
+                    next: tok,
+                    mask: vec![1u8; req.tokens.len()],
+                };
+                if params.max_new_tokens == 0 {
+                    finish(&mut done, slot, FinishReason::Length);
+                    continue;
+                }
+                match stops(tok).then_some(FinishReason::StopToken) {
+                    Some(f) => finish(&mut done, slot, f),
+                    None => {
+                        slot.out.push(tok);
+                        stats.generated_tokens += 1;
+                        match check_end(&slot, params, context, decode) {
+                            Some(f) => finish(&mut done, slot, f),
+                            None => admitted.push(slot),
+                        }
+                    }
+                }
+            }
+            if !admitted.is_empty() {
+                let rows = p
+                    .cache
+                    .repeat_row(admitted.len())
+                    .ctx(|| "copying a prefix".into())?;
+                let (pad_old, pad_new) =
+                    cache.append_rows(rows).ctx(|| "admitting samples".into())?;
+                for s in active.iter_mut() {
+                    s.mask.splice(0..0, std::iter::repeat_n(0u8, pad_old));
+                }
+                for mut s in admitted {
+                    s.mask.splice(0..0, std::iter::repeat_n(0u8, pad_new));
+                    active.push(s);
+                }
+            }
+            if p.next_index == req.n {
+                prefix = None;
+            }
+        }
+        on_done(done.len() as u64, stats.generated_tokens);
+        if active.is_empty() {
+            if prefix.is_none() && queue.is_empty() {
+                break;
+            }
+            // Everything admitted this round finished at its first token; admit more.
+            continue;
+        }
+        // One decode step for every active slot.
+        let ids: Vec<Vec<u32>> = active.iter().map(|s| vec![s.next]).collect();
+        for s in active.iter_mut() {
+            s.mask.push(1);
+        }
+        let masks: Vec<Vec<u8>> = active.iter().map(|s| s.mask.clone()).collect();
+        let logits = model.forward(&ids, &masks, Some(&mut cache))?;
+        stats.decode_steps += 1;
+        let rows = last_logits(&logits)?;
+        let mut keep = Vec::with_capacity(active.len());
+        let mut still = Vec::with_capacity(active.len());
+        for (i, (mut s, mut row)) in active.drain(..).zip(rows).enumerate() {
+            let seen: Vec<u32> = requests[s.request]
+                .tokens
+                .iter()
+                .chain(&s.out)
+                .copied()
+                .collect();
+            let tok = pick(&mut row, &seen, params, &mut s.rng);
+            s.next = tok;
+            if stops(tok) {
+                finish(&mut done, s, FinishReason::StopToken);
+                continue;
+            }
+            s.out.push(tok);
+            stats.generated_tokens += 1;
+            match check_end(&s, params, context, decode) {
+                Some(f) => finish(&mut done, s, f),
+                None => {
+                    keep.push(i);
+                    still.push(s);
+                }
+            }
+        }
+        active = still;
+        if keep.len() != masks.len() {
+            cache
+                .select_rows(&keep)
+                .ctx(|| "dropping finished rows".into())?;
+        }
+        // Columns that are padding in every row can go.
+        let lead = active
+            .iter()
+            .map(|s| s.mask.iter().take_while(|&&m| m == 0).count())
+            .min()
+            .unwrap_or(0);
+        if lead > 0 {
+            cache.trim_front(lead).ctx(|| "trimming the cache".into())?;
+            for s in active.iter_mut() {
+                s.mask.drain(..lead);
+            }
+        }
+    }
+    done.sort_by_key(|a| (a.request, a.sample_index));
+    on_done(done.len() as u64, stats.generated_tokens);
+    Ok((done, stats))
+}
+
+fn finish(done: &mut Vec<Answer>, s: Slot, f: FinishReason) {
+    done.push(Answer {
+        request: s.request,
+        sample_index: s.sample_index,
+        seed: s.seed,
+        tokens: s.out,
+        finish: f,
+    });
+}
+
+/// Length and stop-string ends, checked after a token is appended.
+fn check_end(
+    s: &Slot,
+    p: &SamplingParams,
+    context: usize,
+    decode: &dyn Fn(&[u32]) -> String,
+) -> Option<FinishReason> {
+    if !p.stop_strings.is_empty() {
+        let text = decode(&s.out);
+        if p.stop_strings.iter().any(|x| text.contains(x.as_str())) {
+            return Some(FinishReason::StopString);
+        }
+    }
+    // The next step would feed the last token at position prompt_len + out.len() - 1.
+    if s.out.len() >= p.max_new_tokens || s.prompt_len + s.out.len() >= context {
+        return Some(FinishReason::Length);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;
