@@ -95,9 +95,25 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A Hugging Face checkpoint directory.
+    /// A Hugging Face checkpoint directory, or the base URL (up to `/v1`) of an OpenAI-compatible
+    /// server (vLLM, SGLang, llama.cpp's server, TGI, `transformers serve`).
     #[arg(long)]
     pub model: PathBuf,
+    /// Server mode: the `model` name each request carries.
+    #[arg(long)]
+    pub served_model: Option<String>,
+    /// Server mode: requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Server mode: seconds per request.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Server mode: retries (exponential backoff) after a connection error, timeout, 429 or 5xx.
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+    /// Server mode: the request cache (default: `request-cache/` in the store directory).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Prompt table (from `data import`).
     #[arg(long)]
     pub prompts: PathBuf,
@@ -287,6 +303,37 @@ pub enum PairSourceArg {
 
 #[derive(Subcommand, Debug)]
 pub enum AnnotateCommand {
+    /// Annotate a samples table for construction: the reward model's score of every (prompt,
+    /// answer), math verdicts against the prompt's gold answer, code verdicts from the prompt's
+    /// tests in the sandbox (the code taken from the answer's last fenced block). Writes an
+    /// annotations table.
+    Samples {
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long)]
+        samples: PathBuf,
+        /// A reward model (`*ForSequenceClassification` or ArmoRM); without one, scores stay empty.
+        #[arg(long)]
+        reward_model: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Code checks run at once.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Wall-clock seconds per code check.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u64,
+        #[arg(long)]
+        python: Option<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Score conversations with a reward model (`*ForSequenceClassification` of llama, qwen2,
     /// mistral, gemma2, or ArmoRM): each whole conversation chat-templated as transformers'
     /// `apply_chat_template` does, the score read at the last non-pad token.

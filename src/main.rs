@@ -35,7 +35,7 @@ fn main() {
         Command::Annotate(c) => commands::annotate(c),
         Command::Data(c) => commands::data(c),
         Command::Construct(a) => commands::construct(a),
-        Command::Sample(a) => commands::sample(a),
+        Command::Sample(a) => commands::sample(store, a),
     };
     match result {
         Ok(code) => std::process::exit(code),

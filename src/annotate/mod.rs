@@ -4,6 +4,7 @@
 
 pub mod code;
 pub mod math;
+pub mod samples;
 pub mod sandbox;
 
 use std::collections::BTreeMap;

@@ -10,8 +10,101 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::{print_json, Status};
 use crate::cli::AnnotateCommand;
 
+fn code_options(
+    jobs: usize,
+    timeout: f64,
+    memory_mib: u64,
+    python: &Option<String>,
+) -> anyhow::Result<CodeOptions> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("--timeout: {timeout} must be a positive number of seconds");
+    }
+    if jobs == 0 {
+        bail!("--jobs: must be at least 1");
+    }
+    let python = match python {
+        Some(p) => Python::find(p)?,
+        None => Python::default_choice()?,
+    };
+    Ok(CodeOptions {
+        jobs,
+        limits: Limits {
+            wall: Duration::from_secs_f64(timeout),
+            cpu_s: timeout.ceil() as u64 + 1,
+            memory_bytes: memory_mib << 20,
+            ..Limits::default()
+        },
+        python,
+        isolation: None,
+    })
+}
+
 pub fn annotate(cmd: &AnnotateCommand) -> Status {
     match cmd {
+        AnnotateCommand::Samples {
+            prompts,
+            samples,
+            reward_model,
+            out,
+            batch_size,
+            jobs,
+            timeout,
+            memory_mib,
+            python,
+            device,
+            json,
+        } => {
+            use fuselab::data::{read_records, write_records, Prompt, Sample};
+            use fuselab::model::{parse_device, parse_dtype, Checkpoint};
+            use fuselab::reward::RewardModel;
+            let opts = code_options(*jobs, *timeout, *memory_mib, python)?;
+            let ps: Vec<Prompt> = read_records(prompts)?;
+            let ss: Vec<Sample> = read_records(samples)?;
+            let rm = match reward_model {
+                Some(dir) => {
+                    let ck = Checkpoint::open(dir)?;
+                    let rm = RewardModel::load(
+                        &ck,
+                        &parse_device(&device.device)?,
+                        parse_dtype(&device.dtype)?,
+                    )?;
+                    Some((rm, ck))
+                }
+                None => None,
+            };
+            let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+            let started = std::time::Instant::now();
+            let notes = fuselab::annotate::samples::annotate_samples(
+                &ps,
+                &ss,
+                rm.as_ref().map(|(m, c)| (m, c, *batch_size)),
+                &opts,
+                &|stage, done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    bar.set_message(stage.to_string());
+                },
+            )?;
+            bar.finish_and_clear();
+            write_records(&notes, out)?;
+            let correct = notes.iter().filter(|a| a.correct == Some(true)).count();
+            let checked = notes.iter().filter(|a| a.correct.is_some()).count();
+            let summary = serde_json::json!({
+                "out": out, "annotations": notes.len(), "scored": notes.iter().filter(|a| a.score.is_some()).count(),
+                "checked": checked, "correct": correct, "seconds": started.elapsed().as_secs_f64(),
+            });
+            if *json {
+                print_json(&summary);
+            } else {
+                println!(
+                    "{} annotations ({} scored, {checked} checked, {correct} correct) -> {}",
+                    notes.len(),
+                    summary["scored"],
+                    out.display()
+                );
+            }
+            Ok(0)
+        }
         AnnotateCommand::Reward {
             model,
             samples,
@@ -107,28 +200,7 @@ pub fn annotate(cmd: &AnnotateCommand) -> Status {
             python,
             json,
         } => {
-            if !(timeout.is_finite() && *timeout > 0.0) {
-                bail!("--timeout: {timeout} must be a positive number of seconds");
-            }
-            if *jobs == 0 {
-                bail!("--jobs: must be at least 1");
-            }
-            let python = match python {
-                Some(p) => Python::find(p)?,
-                None => Python::default_choice()?,
-            };
-            let limits = Limits {
-                wall: Duration::from_secs_f64(*timeout),
-                cpu_s: timeout.ceil() as u64 + 1,
-                memory_bytes: memory_mib << 20,
-                ..Limits::default()
-            };
-            let opts = CodeOptions {
-                jobs: *jobs,
-                limits,
-                python,
-                isolation: None,
-            };
+            let opts = code_options(*jobs, *timeout, *memory_mib, python)?;
             let bar = ProgressBar::new(0);
             bar.set_style(
                 ProgressStyle::with_template(

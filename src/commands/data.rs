@@ -246,13 +246,115 @@ pub fn construct(a: &ConstructArgs) -> Status {
     Ok(0)
 }
 
-pub fn sample(a: &crate::cli::SampleArgs) -> Status {
-    use fuselab::data::{write_records, Category};
-    use fuselab::generate::SamplingParams;
-    use fuselab::model::{load_weights, parse_device, parse_dtype, Checkpoint, Decoder};
-    use fuselab::sample::job::{self, JobOptions, Model, SourceSpec};
-    use indicatif::{ProgressBar, ProgressStyle};
+fn source_spec(
+    a: &crate::cli::SampleArgs,
+    name: String,
+    stops: Vec<u32>,
+) -> fuselab::sample::job::SourceSpec {
+    use fuselab::data::Category;
+    let per = |x: Option<u32>| x.unwrap_or(a.n);
+    fuselab::sample::job::SourceSpec {
+        name,
+        sampling: fuselab::generate::SamplingParams {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            repetition_penalty: a.repetition_penalty,
+            stop_token_ids: if a.ignore_eos { vec![] } else { stops },
+            stop_strings: a.stop.clone(),
+            seed: a.seed,
+        },
+        samples_per_category: [
+            (Category::Instruction, per(a.n_instruction)),
+            (Category::Math, per(a.n_math)),
+            (Category::Code, per(a.n_code)),
+            (Category::SecondLanguage, per(a.n_second_language)),
+        ]
+        .into(),
+    }
+}
 
+fn bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} samples  {msg}  eta {eta}")
+            .expect("style"),
+    );
+    bar
+}
+
+/// `sample --model http://host:port/v1 --served-model NAME`: an OpenAI-compatible server.
+fn sample_endpoint(store: &std::path::Path, a: &crate::cli::SampleArgs, url: &str) -> Status {
+    use fuselab::sample::openai::{self, Endpoint};
+    let Some(model) = a.served_model.clone() else {
+        bail!("--served-model: a server needs the model name each request carries");
+    };
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout: {} must be a positive number of seconds",
+            a.timeout
+        );
+    }
+    let prompts: Vec<Prompt> = read_records(&a.prompts)?;
+    let spec = source_spec(a, a.source.clone().unwrap_or_else(|| model.clone()), vec![]);
+    spec.sampling.validate()?;
+    let ep = Endpoint {
+        base_url: url.to_string(),
+        model,
+        api_key: std::env::var("OPENAI_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        timeout_s: a.timeout,
+        retries: a.retries,
+        concurrency: a.concurrency.max(1),
+    };
+    let cache = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| store.join("request-cache"));
+    let total: u64 = prompts.iter().map(|p| spec.n_for(p.category) as u64).sum();
+    let bar = bar(total);
+    let started = std::time::Instant::now();
+    let (samples, stats) = openai::run(&ep, &prompts, &spec, &cache, &|n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    fuselab::data::write_records(&samples, &a.out)?;
+    let secs = started.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "out": a.out, "source": spec.name, "url": url, "samples": samples.len(),
+        "requests": stats.requests, "cache_hits": stats.cache_hits, "retries": stats.retries,
+        "generated_tokens": stats.completion_tokens, "seconds": secs,
+    });
+    if a.json {
+        print_json(&summary);
+    } else {
+        println!(
+            "{} samples from {url} ({} requests, {} cached, {} retries) in {secs:.1}s -> {}",
+            samples.len(),
+            stats.requests,
+            stats.cache_hits,
+            stats.retries,
+            a.out.display()
+        );
+    }
+    Ok(0)
+}
+
+pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
+    use fuselab::data::write_records;
+    use fuselab::model::{load_weights, parse_device, parse_dtype, Checkpoint, Decoder};
+    use fuselab::sample::job::{self, JobOptions, Model};
+
+    if let Some(url) = a
+        .model
+        .to_str()
+        .filter(|m| m.starts_with("http://") || m.starts_with("https://"))
+    {
+        return sample_endpoint(store, a, url);
+    }
     let ck = Checkpoint::open(&a.model)?;
     let device = parse_device(&a.device.device)?;
     let w = load_weights(&ck.dir, &ck.config, &device, parse_dtype(&a.device.dtype)?)?;
@@ -265,31 +367,7 @@ pub fn sample(a: &crate::cli::SampleArgs) -> Status {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let per = |x: Option<u32>| x.unwrap_or(a.n);
-    let spec = SourceSpec {
-        name: source,
-        sampling: SamplingParams {
-            max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-            repetition_penalty: a.repetition_penalty,
-            stop_token_ids: if a.ignore_eos {
-                vec![]
-            } else {
-                ck.stop_token_ids()
-            },
-            stop_strings: a.stop.clone(),
-            seed: a.seed,
-        },
-        samples_per_category: [
-            (Category::Instruction, per(a.n_instruction)),
-            (Category::Math, per(a.n_math)),
-            (Category::Code, per(a.n_code)),
-            (Category::SecondLanguage, per(a.n_second_language)),
-        ]
-        .into(),
-    };
+    let spec = source_spec(a, source, ck.stop_token_ids());
     let total: u64 = prompts.iter().map(|p| spec.n_for(p.category) as u64).sum();
     let work_dir = a.work_dir.clone().unwrap_or_else(|| {
         let mut name = a.out.file_name().unwrap_or_default().to_os_string();
@@ -302,11 +380,7 @@ pub fn sample(a: &crate::cli::SampleArgs) -> Status {
         template: ck.template()?,
         identity: fuselab::train::model_identity(&ck.dir)?,
     };
-    let bar = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} samples  {msg}  eta {eta}")
-            .expect("style"),
-    );
+    let bar = bar(total);
     let started = std::time::Instant::now();
     let on_progress = |samples: u64, tokens: u64| {
         bar.set_position(samples);

@@ -175,21 +175,34 @@ impl Ctx<'_> {
         }
     }
 
-    /// An optional mapped field: when the mapping names it, every row must have it.
-    fn mapped(
+    /// An optional mapped field (gold answer, tests, ...). A row may lack it (a mixed set's math
+    /// rows have no tests); a category that needs it says so, naming the field. A name that no row
+    /// has at all is a typo, caught by [`check_mapped_fields`].
+    fn mapped(&self, row: &Value, field: &Option<String>) -> Option<String> {
+        match row.get(field.as_deref()?)? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// Why a row lacks what its category needs, naming the mapped field.
+    fn missing(
         &self,
         line: usize,
         row: &Value,
         field: &Option<String>,
-    ) -> Result<Option<String>, DataError> {
+        flag: &str,
+        what: &str,
+    ) -> DataError {
         match field {
-            None => Ok(None),
-            Some(f) => match self.required(line, row, f)? {
-                Value::Null => Ok(None),
-                Value::String(s) => Ok(Some(s.clone())),
-                Value::Number(n) => Ok(Some(n.to_string())),
-                other => Ok(Some(other.to_string())),
-            },
+            Some(f) if row.get(f).is_none() => self.err(
+                line,
+                format!("no field `{f}` (the row has {}); {what}", field_list(row)),
+            ),
+            Some(f) => self.err(line, format!("field `{f}` is empty; {what}")),
+            None => self.err(line, format!("{what} (--{flag} names it)")),
         }
     }
 
@@ -212,9 +225,9 @@ impl Ctx<'_> {
             return Ok(c);
         }
         if let Some(c) = row.get("category").and_then(Value::as_str) {
-            if let Ok(c) = c.parse() {
-                return Ok(c);
-            }
+            return c
+                .parse()
+                .map_err(|e: String| self.err(line, format!("`category`: {e}")));
         }
         fusechat_category(dataset).ok_or_else(|| {
             self.err(
@@ -324,6 +337,7 @@ pub fn import(path: &Path, m: &Mapping) -> Result<Imported, DataError> {
         l => l,
     };
     let c = Ctx { path, m };
+    check_mapped_fields(path, m, &rows)?;
     match layout {
         Layout::Auto => unreachable!("resolved above"),
         Layout::Fields | Layout::Messages | Layout::Sharegpt => {
@@ -333,6 +347,33 @@ pub fn import(path: &Path, m: &Mapping) -> Result<Imported, DataError> {
         Layout::FusechatDpo => fusechat_dpo(&c, &rows).map(Imported::Dpo),
         Layout::Answers | Layout::Simpo => answers(&c, layout, &rows).map(Imported::Samples),
     }
+}
+
+/// A mapped field that no row has is a typo in the mapping: an error naming it and the fields the
+/// first row has.
+fn check_mapped_fields(path: &Path, m: &Mapping, rows: &[(usize, Value)]) -> Result<(), DataError> {
+    let fields = [
+        ("--gold-field", &m.gold_field),
+        ("--tests-field", &m.tests_field),
+        ("--entry-point-field", &m.entry_point_field),
+        ("--system-field", &m.system_field),
+    ];
+    for (flag, f) in fields {
+        if let Some(f) = f {
+            if !rows.iter().any(|(_, r)| r.get(f).is_some()) {
+                let (line, first) = &rows[0];
+                return Err(DataError::row(
+                    path,
+                    *line,
+                    format!(
+                        "{flag} {f}: no row has this field (the first has {})",
+                        field_list(first)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_unique<'a>(
@@ -368,7 +409,7 @@ fn prompts(c: &Ctx, layout: Layout, rows: &[(usize, Value)]) -> Result<Vec<Promp
                 });
                 let text = c.text(line, row, field)?;
                 let mut msgs = Vec::new();
-                if let Some(sys) = c.mapped(line, row, &c.m.system_field)? {
+                if let Some(sys) = c.mapped(row, &c.m.system_field) {
                     msgs.push(Message::new("system", sys));
                 }
                 msgs.push(Message::new("user", text));
@@ -383,18 +424,27 @@ fn prompts(c: &Ctx, layout: Layout, rows: &[(usize, Value)]) -> Result<Vec<Promp
             )?,
         };
         let msgs = prompt_part(c, line, msgs)?;
-        let gold = c.mapped(line, row, &c.m.gold_field)?;
-        let tests = c.mapped(line, row, &c.m.tests_field)?;
-        let entry_point = c.mapped(line, row, &c.m.entry_point_field)?;
+        let gold = c.mapped(row, &c.m.gold_field);
+        let tests = c.mapped(row, &c.m.tests_field);
+        let entry_point = c.mapped(row, &c.m.entry_point_field);
         match category {
             Category::Math if gold.as_deref().is_none_or(|g| g.trim().is_empty()) => {
-                return Err(c.err(
+                return Err(c.missing(
                     line,
-                    "a math prompt needs a gold answer (--gold-field names it)",
+                    row,
+                    &c.m.gold_field,
+                    "gold-field",
+                    "a math prompt needs a gold answer",
                 ))
             }
             Category::Code if tests.as_deref().is_none_or(|t| t.trim().is_empty()) => {
-                return Err(c.err(line, "a code prompt needs tests (--tests-field names them)"))
+                return Err(c.missing(
+                    line,
+                    row,
+                    &c.m.tests_field,
+                    "tests-field",
+                    "a code prompt needs tests",
+                ))
             }
             _ => {}
         }

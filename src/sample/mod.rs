@@ -6,6 +6,7 @@
 //! into chunks that survive a kill and merges them.
 
 pub mod job;
+pub mod openai;
 
 use candle_core::DType;
 

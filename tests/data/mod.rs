@@ -104,7 +104,7 @@ fn import_maps_fields_and_refuses_bad_rows_without_writing() {
     bad(
         &[json!({"problem": "x", "answer": null})],
         &mapping,
-        "math.jsonl:1: a math prompt needs a gold answer",
+        "math.jsonl:1: field `answer` is empty; a math prompt needs a gold answer",
     );
     bad(
         &[json!({"problem": "x"})],
@@ -311,7 +311,17 @@ fn sampling_survives_kill_9_and_ignores_the_worker_count() {
     let mut child = c.spawn().unwrap();
     let started = Instant::now();
     loop {
-        let done = fs::read_dir(&work).map(|d| d.count()).unwrap_or(0);
+        // Finished chunks only: a chunk being written is a temp file beside them.
+        let done = fs::read_dir(&work)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.starts_with("chunk-") && n.ends_with(".jsonl")
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
         if done >= 3 {
             break;
         }
@@ -552,4 +562,288 @@ fn construct_cli_writes_sets_and_a_composition_that_adds_up() {
     ]);
     assert!(err.contains("not an earlier construction output"), "{err}");
     assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Stops a loopback server when the test ends, however it ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback HTTP server that answers every POST with `status` and `body` (the failure modes a
+/// real server shows only by accident); it counts requests in `hits`.
+fn broken_server(status: u16, body: &str, hits: &Path) -> (Server, u16) {
+    let port = free_port();
+    let script = format!(
+        r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open({hits:?}, "a") as f: f.write("x")
+        self.send_response({status}); self.end_headers(); self.wfile.write({body:?}.encode())
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+"#,
+        hits = hits.to_str().unwrap(),
+    );
+    let child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Server(child), port)
+}
+
+#[test]
+fn openai_endpoint_samples_every_prompt_from_a_real_server_and_caches() {
+    let t = TestContext::new();
+    let root = root();
+    let port = free_port();
+    let pidfile = t.dir.path().join("serve.pid");
+    let model = root.join("tests/fixtures/hf/llama");
+    let started = std::process::Command::new("bash")
+        .arg(root.join("scripts/openai-server.sh"))
+        .args(["start", &port.to_string(), s(&model), s(&pidfile)])
+        .status()
+        .unwrap();
+    assert!(
+        started.success(),
+        "transformers serve did not start (see scripts/openai-server.sh)"
+    );
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Ok(pid) = fs::read_to_string(&self.0) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+    let _stop = Stop(pidfile);
+    let prompts = prompt_table(&t, 6);
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let cache = t.dir.path().join("request-cache");
+    let run = |out: &Path| {
+        t.json(&[
+            "sample",
+            "--model",
+            &url,
+            "--served-model",
+            s(&model),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--concurrency",
+            "3",
+            "--cache-dir",
+            s(&cache),
+        ])
+    };
+    let first_out = t.project.join("served.parquet");
+    let r = run(&first_out);
+    assert_eq!(
+        (
+            r["samples"].as_u64(),
+            r["requests"].as_u64(),
+            r["cache_hits"].as_u64()
+        ),
+        (Some(12), Some(12), Some(0)),
+        "{r}"
+    );
+    let shown = t.json(&["data", "show", s(&first_out), "--limit", "12"]);
+    assert_eq!(shown["rows"], 12);
+    for (i, row) in shown["head"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(row["prompt_id"], format!("p{:03}", i / 2));
+        assert_eq!(row["sample_index"], (i % 2) as u64);
+        assert!(row["tokens"].as_u64().unwrap() > 0, "{row}");
+    }
+    // A re-run is answered from the cache alone: no request reaches the server.
+    let second_out = t.project.join("cached.parquet");
+    let r = run(&second_out);
+    assert_eq!(
+        (r["requests"].as_u64(), r["cache_hits"].as_u64()),
+        (Some(0), Some(12)),
+        "{r}"
+    );
+    assert_eq!(
+        fs::read(&first_out).unwrap(),
+        fs::read(&second_out).unwrap()
+    );
+
+    // A server that fails is retried, then named; one that answers garbage is named too.
+    for (status, body, want, tries) in [
+        (500u16, "boom", "HTTP 500 after 3 attempts: boom", 3),
+        (
+            200,
+            "<html>not json</html>",
+            "not a chat completion (not JSON)",
+            1,
+        ),
+    ] {
+        let hits = t.dir.path().join(format!("hits-{status}"));
+        let (_server, port) = broken_server(status, body, &hits);
+        let url = format!("http://127.0.0.1:{port}/v1");
+        let out = t.project.join(format!("broken-{status}.parquet"));
+        let err = t.fails(&[
+            "sample",
+            "--model",
+            &url,
+            "--served-model",
+            "m",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&out),
+            "--n",
+            "1",
+            "--retries",
+            "2",
+            "--concurrency",
+            "1",
+            "--cache-dir",
+            s(&t.dir.path().join(format!("c{status}"))),
+        ]);
+        assert!(
+            err.contains(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+                && err.contains(want),
+            "{err}"
+        );
+        assert!(!out.exists());
+        assert_eq!(fs::read_to_string(&hits).unwrap().len(), tries);
+    }
+}
+
+#[test]
+fn annotate_samples_scores_and_checks_then_feeds_construction() {
+    let t = TestContext::new();
+    let root = root();
+    let p = t.project.join("prompts.jsonl");
+    write_jsonl(
+        &p,
+        &[
+            json!({"id": "m1", "question": "What is 6 times 7?", "gold": "42", "category": "math"}),
+            json!({"id": "c1", "question": "Write add(a, b).", "tests": "assert add(1, 2) == 3\nassert add(-1, 1) == 0", "category": "code"}),
+            json!({"id": "i1", "question": "Say hello.", "category": "instruction"}),
+        ],
+    );
+    let pt = t.project.join("prompts.parquet");
+    t.ok(&[
+        "data",
+        "import",
+        s(&p),
+        "--out",
+        s(&pt),
+        "--dataset",
+        "d",
+        "--category-field",
+        "category",
+        "--gold-field",
+        "gold",
+        "--tests-field",
+        "tests",
+    ]);
+    let a = t.project.join("answers.jsonl");
+    write_jsonl(
+        &a,
+        &[
+            json!({"prompt_id": "m1", "source": "x", "text": "6 * 7 = 42, so the answer is \\boxed{42}."}),
+            json!({"prompt_id": "m1", "source": "x", "text": "The answer is 41."}),
+            json!({"prompt_id": "c1", "source": "x", "text": "Sure:\n```python\ndef add(a, b):\n    return a + b\n```"}),
+            json!({"prompt_id": "c1", "source": "x", "text": "```python\ndef add(a, b):\n    return a - b\n```"}),
+            json!({"prompt_id": "i1", "source": "x", "text": "Hello!"}),
+        ],
+    );
+    let st = t.project.join("samples.parquet");
+    t.ok(&[
+        "data",
+        "import",
+        s(&a),
+        "--out",
+        s(&st),
+        "--layout",
+        "answers",
+    ]);
+    let an = t.project.join("annotations.parquet");
+    let mut c = t.cmd(&[
+        "annotate",
+        "samples",
+        "--prompts",
+        s(&pt),
+        "--samples",
+        s(&st),
+        "--reward-model",
+        "tests/fixtures/reward/qwen2",
+        "--out",
+        s(&an),
+        "--json",
+    ]);
+    c.current_dir(&root);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            r["annotations"].as_u64(),
+            r["scored"].as_u64(),
+            r["checked"].as_u64(),
+            r["correct"].as_u64()
+        ),
+        (Some(5), Some(5), Some(4), Some(2)),
+        "{r}"
+    );
+    let shown = t.json(&["data", "show", s(&an), "--limit", "5"]);
+    assert_eq!(shown["kind"], "annotations");
+    let rows = shown["head"].as_array().unwrap();
+    assert_eq!(rows[0]["correct"], true);
+    assert_eq!(rows[1]["correct"], false);
+    assert_eq!(rows[2]["correct"], true);
+    assert_eq!(rows[3]["correct"], false);
+    assert!(
+        rows[3]["reason"].as_str().unwrap().starts_with("assertion"),
+        "{}",
+        rows[3]
+    );
+    assert!(rows[4]["correct"].is_null() && rows[4]["score"].is_f64());
+    let out = t.project.join("sets");
+    let r = t.json(&[
+        "construct",
+        "--prompts",
+        s(&pt),
+        "--samples",
+        s(&st),
+        "--annotations",
+        s(&an),
+        "--out",
+        s(&out),
+        "--sft-fraction",
+        "1",
+    ]);
+    assert_eq!(r["sft"], 3, "{r}");
 }
