@@ -10,6 +10,7 @@ venv=.bench/construct-venv
 [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import pandas, pyarrow, blake3" 2>/dev/null || {
   /usr/bin/python3 -m venv "$venv" && "$venv/bin/pip" install -q pandas pyarrow blake3 numpy; }
 cargo build --release --quiet
+bin_dir=${CARGO_TARGET_DIR:-target}/release
 prompts=${PROMPTS:-100000}
 data=.bench/construct/data-$prompts
 mkdir -p .bench/construct
@@ -24,7 +25,7 @@ measure() { # label, command...: prints "seconds max_rss_kib"
 }
 for r in $(seq "$runs"); do
   rm -rf .bench/construct/out-fuselab .bench/construct/out-pandas
-  read -r fs fm < <(measure fuselab target/release/fuselab construct --prompts "$data/prompts.parquet" \
+  read -r fs fm < <(measure fuselab "$bin_dir"/fuselab construct --prompts "$data/prompts.parquet" \
     --samples "$data/samples.parquet" --annotations "$data/annotations.parquet" --out .bench/construct/out-fuselab --json)
   read -r ps pm < <(measure pandas "$venv/bin/python" benches/construct_pandas.py "$data" .bench/construct/out-pandas)
   fsft=$(python3 -c "import json;print(json.load(open('.bench/construct/fuselab.out'))['sft'])")

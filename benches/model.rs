@@ -51,7 +51,7 @@ fn report(what: &str, tokens: usize, secs: f64) {
 }
 
 fn main() {
-    fuselab::util::tune_allocator();
+    fuselab::util::tune_allocator(true);
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

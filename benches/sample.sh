@@ -11,7 +11,8 @@ mkdir -p "$work"
 [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2>/dev/null || {
   python3 -m venv .venv && .venv/bin/pip install -q torch transformers; }
 cargo build --release --benches --quiet
-bin=$(ls -t target/release/deps/model-* | grep -v '\.d$' | head -1)
+bin_dir=${CARGO_TARGET_DIR:-target}/release
+bin=$(ls -t "$bin_dir"/deps/model-* | grep -v '\.d$' | head -1)
 ckpt=$work/llama-8l-512
 # The model benchmark's random Llama with the fixture tokenizer and its chat template (400 tokens of
 # the 8192-token vocabulary have text; throughput does not depend on which ids are drawn).
@@ -27,13 +28,13 @@ with open(sys.argv[1], "w") as f:
         k = 4 + i % 9
         f.write(json.dumps({"id": f"p{i:04d}", "instruction": " ".join(words[(i + j) % len(words)] for j in range(k))}) + "\n")
 PY
-target/release/fuselab data import "$work/prompts.jsonl" --out "$work/prompts.parquet" --dataset bench --category instruction >/dev/null
+"$bin_dir"/fuselab data import "$work/prompts.jsonl" --out "$work/prompts.parquet" --dataset bench --category instruction >/dev/null
 runs=${RUNS:-2}
 out=$work/results.jsonl
 : >"$out"
 for r in $(seq "$runs"); do
   rm -rf "$work/samples.parquet" "$work/chunks"
-  /usr/bin/time -f "%M" -o "$work/rss" target/release/fuselab sample --model "$ckpt" --prompts "$work/prompts.parquet" \
+  /usr/bin/time -f "%M" -o "$work/rss" "$bin_dir"/fuselab sample --model "$ckpt" --prompts "$work/prompts.parquet" \
     --out "$work/samples.parquet" --work-dir "$work/chunks" --n $n --max-new-tokens "$new" --ignore-eos \
     --temperature 0.8 --top-p 0.95 --seed "$r" --chunk-size 64 --slots ${SLOTS:-64} --json >"$work/f.json"
   python3 -c "import json; d=json.load(open('$work/f.json')); print(json.dumps({'tool':'fuselab','run':$r,'tokens_per_s':d['tokens_per_s'],'seconds':d['seconds'],'tokens':d['generated_tokens'],'rss_kib':int(open('$work/rss').read().split()[-1])}))" | tee -a "$out"

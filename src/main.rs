@@ -15,8 +15,11 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    fuselab::util::tune_allocator();
     let cli = Cli::parse();
+    fuselab::util::tune_allocator(!matches!(
+        cli.command,
+        Command::Construct(_) | Command::Data(_)
+    ));
     let store = cli.store.as_path();
     let result = match &cli.command {
         Command::Run(a) => commands::run(store, a),

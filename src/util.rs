@@ -55,7 +55,9 @@ pub fn compact_timestamp(unix: f64) -> String {
 /// Keep freed tensor memory in the heap for reuse. With glibc's defaults every allocation over 128 KiB
 /// is a fresh mmap that the kernel zero-fills on first touch and unmaps on free: 22% of a training
 /// step went to `clear_page`. (mimalloc was tried and was slower still; see BENCHMARKS.md.)
-pub fn tune_allocator() {
+/// `single_arena` is for tensor work; table work (polars allocates from every worker thread) keeps
+/// glibc's per-thread arenas, which one arena would serialise on its lock.
+pub fn tune_allocator(single_arena: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before heavy allocation.
     unsafe {
@@ -64,8 +66,12 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TOP_PAD, 1 << 30);
         // One arena: per-thread arenas live in 64 MiB heaps that glibc shrinks eagerly, which
         // brings the zero-fill faults back.
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        if single_arena {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = single_arena;
 }
 
 #[cfg(test)]

@@ -192,10 +192,43 @@ pub fn apply(
         )));
     }
 
+    // Sorting and grouping run on integers: the prompt's position and the source's rank in name
+    // order stand for the strings (row-encoding strings for every multi-key sort dominated the run).
+    let mut names: Vec<String> = {
+        let u = joined
+            .column("source")
+            .and_then(|c| c.unique())
+            .map_err(pe("sources"))?;
+        let u = u.str().map_err(pe("sources"))?;
+        (0..u.len())
+            .filter_map(|i| u.get(i).map(str::to_string))
+            .collect()
+    };
+    names.sort();
+    let ranks = DataFrame::new_infer_height(vec![
+        Column::new("source".into(), names.clone()),
+        Column::new(
+            "src_rank".into(),
+            (0..names.len() as u32).collect::<Vec<_>>(),
+        ),
+    ])
+    .map_err(pe("sources"))?;
+    let joined = joined
+        .lazy()
+        .join(
+            ranks.lazy(),
+            [col("source")],
+            [col("source")],
+            JoinArgs::new(JoinType::Inner),
+        )
+        .collect()
+        .map_err(pe("sources"))?;
+    let facts = facts(&joined)?;
+
     // Per-prompt facts as window expressions, then the prompts the rules drop outright.
     let is_code = col("category").eq(lit("code"));
     let ok = col("correct").fill_null(lit(false));
-    let per_prompt = |e: Expr| e.over([col("prompt_id")]).map_err(pe("per-prompt counts"));
+    let per_prompt = |e: Expr| e.over([col("pos")]).map_err(pe("per-prompt counts"));
     let with_facts = joined
         .lazy()
         .with_columns([
@@ -228,13 +261,12 @@ pub fn apply(
                 .or(col("source").eq(col("only_source"))),
         )
         .sort(
-            ["prompt_id", "score", "source", "sample_index"],
+            ["pos", "score", "src_rank", "sample_index"],
             SortMultipleOptions::default()
                 .with_order_descending_multi([false, true, src_desc, desc_idx])
                 .with_maintain_order(true),
         )
-        .unique_stable_generic(Some(vec![col("prompt_id")]), UniqueKeepStrategy::First)
-        .sort(["pos"], SortMultipleOptions::default())
+        .unique_stable_generic(Some(vec![col("pos")]), UniqueKeepStrategy::First)
         .collect()
         .map_err(pe("SFT selection"))?;
 
@@ -242,18 +274,19 @@ pub fn apply(
     let dpo_rows = with_facts.filter(col("sft").not());
     let per_source = |lf: LazyFrame, worst: bool| {
         lf.sort(
-            ["prompt_id", "source", "score", "sample_index"],
+            ["pos", "src_rank", "score", "sample_index"],
             SortMultipleOptions::default()
                 .with_order_descending_multi([false, false, !worst, desc_idx])
                 .with_maintain_order(true),
         )
         .unique_stable_generic(
-            Some(vec![col("prompt_id"), col("source")]),
+            Some(vec![col("pos"), col("src_rank")]),
             UniqueKeepStrategy::First,
         )
         .select([
             col("prompt_id"),
             col("source"),
+            col("src_rank"),
             col("sample_index"),
             col("text"),
             col("score"),
@@ -271,8 +304,8 @@ pub fn apply(
         true,
     )
     .select([
-        col("prompt_id"),
-        col("source"),
+        col("pos"),
+        col("src_rank"),
         col("sample_index").alias("r_index"),
         col("text").alias("r_text"),
         col("score").alias("r_score"),
@@ -291,8 +324,8 @@ pub fn apply(
     let mut pairs = chosen
         .join(
             rejected,
-            [col("prompt_id"), col("source")],
-            [col("prompt_id"), col("source")],
+            [col("pos"), col("src_rank")],
+            [col("pos"), col("src_rank")],
             JoinArgs::new(JoinType::Inner),
         )
         .with_column((col("score") - col("r_score")).alias("gap"))
@@ -305,34 +338,40 @@ pub fn apply(
         PairSource::HighestChosen => ("score", true),
         PairSource::LargestGap => ("gap", true),
         PairSource::SmallestGap => ("gap", false),
-        PairSource::FirstSource => ("source", src_desc),
+        PairSource::FirstSource => ("src_rank", src_desc),
     };
     let dpo = pairs
         .sort(
-            ["prompt_id", key, "source"],
+            ["pos", key, "src_rank"],
             SortMultipleOptions::default()
                 .with_order_descending_multi([false, key_desc, src_desc])
                 .with_maintain_order(true),
         )
-        .unique_stable_generic(Some(vec![col("prompt_id")]), UniqueKeepStrategy::First)
-        .sort(["pos"], SortMultipleOptions::default())
+        .unique_stable_generic(Some(vec![col("pos")]), UniqueKeepStrategy::First)
         .collect()
         .map_err(pe("DPO pairs"))?;
 
     let sft_rows = sft_rows(&sft, all)?;
     let dpo_rows = dpo_pairs(&dpo, all)?;
-    let facts = facts(samples, annotations, params)?;
     let done: HashSet<&str> = sft_rows
         .iter()
         .map(|r| r.prompt_id.as_str())
         .chain(dpo_rows.iter().map(|r| r.prompt_id.as_str()))
+        .collect();
+    let pos_of: HashMap<&str, u32> = live
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.id.as_str(), i as u32))
         .collect();
     let mut dropped = Vec::new();
     for p in live {
         if done.contains(p.id.as_str()) {
             continue;
         }
-        let f = facts.get(p.id.as_str()).copied().unwrap_or_default();
+        let f = facts
+            .get(&pos_of[p.id.as_str()])
+            .copied()
+            .unwrap_or_default();
         let is_sft = split[&p.id];
         let checked = matches!(p.category, Category::Math | Category::Code);
         let reason = if f.n == 0 {
@@ -370,34 +409,12 @@ struct Facts {
     n_correct: u32,
 }
 
-/// Per-prompt counts for the drop reasons.
-fn facts(
-    samples: &DataFrame,
-    annotations: &DataFrame,
-    _params: &ConstructParams,
-) -> Result<HashMap<String, Facts>, DataError> {
-    let keys = ["prompt_id", "source", "sample_index"];
-    let df = samples
+/// Per-prompt counts for the drop reasons, by prompt position, from the joined answers.
+fn facts(joined: &DataFrame) -> Result<HashMap<u32, Facts>, DataError> {
+    let df = joined
         .clone()
         .lazy()
-        .select([
-            col("prompt_id"),
-            col("source"),
-            col("sample_index"),
-            col("text"),
-        ])
-        .join(
-            annotations.clone().lazy().select([
-                col("prompt_id"),
-                col("source"),
-                col("sample_index"),
-                col("correct"),
-            ]),
-            keys.map(col),
-            keys.map(col),
-            JoinArgs::new(JoinType::Left),
-        )
-        .group_by([col("prompt_id")])
+        .group_by([col("pos")])
         .agg([
             len().cast(DataType::UInt32).alias("n"),
             col("text")
@@ -418,16 +435,17 @@ fn facts(
             .and_then(|c| c.u32().cloned())
             .map_err(pe("per-prompt counts"))
     };
-    let ids = df
-        .column("prompt_id")
-        .and_then(|c| c.str().cloned())
-        .map_err(pe("ids"))?;
-    let (n, d, c) = (col_u32("n")?, col_u32("n_distinct")?, col_u32("n_correct")?);
+    let (pos, n, d, c) = (
+        col_u32("pos")?,
+        col_u32("n")?,
+        col_u32("n_distinct")?,
+        col_u32("n_correct")?,
+    );
     let mut out = HashMap::with_capacity(df.height());
     for i in 0..df.height() {
-        if let Some(id) = ids.get(i) {
+        if let Some(p) = pos.get(i) {
             out.insert(
-                id.to_string(),
+                p,
                 Facts {
                     n: n.get(i).unwrap_or(0),
                     n_distinct: d.get(i).unwrap_or(0),
