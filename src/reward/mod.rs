@@ -220,24 +220,8 @@ impl RewardModel {
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
             return Err(ModelError::Invalid(format!("sequence {i} is empty")));
         }
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let pad = self.pad_token_id.unwrap_or(0);
-        let ids: Vec<Vec<u32>> = seqs
-            .iter()
-            .map(|s| {
-                let mut r = s.clone();
-                r.resize(width, pad);
-                r
-            })
-            .collect();
-        let mask: Vec<Vec<u8>> = seqs
-            .iter()
-            .map(|s| {
-                let mut m = vec![1u8; s.len()];
-                m.resize(width, 0);
-                m
-            })
-            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let (ids, mask) = crate::train::objective::pad_with(&refs, self.pad_token_id.unwrap_or(0));
         let h = self.decoder.hidden(&ids, &mask, None)?;
         let at = |rows: &[usize]| -> Result<Tensor, ModelError> {
             let picked: Vec<Tensor> = rows
@@ -253,7 +237,7 @@ impl RewardModel {
                 let rows: Vec<usize> = seqs
                     .iter()
                     .zip(&ids)
-                    .map(|(s, r)| self.last_non_pad(s, r))
+                    .map(|(s, r)| last_non_pad(self.pad_token_id, s, r))
                     .collect();
                 let x = at(&rows)?;
                 let mut y = x
@@ -295,15 +279,6 @@ impl RewardModel {
         out.to_dtype(DType::F32)
             .and_then(|t| t.to_vec2::<f32>())
             .ctx(|| "reading scores".into())
-    }
-
-    /// transformers' `last_non_pad_token`: the rightmost position whose id is not the pad id
-    /// (position 0 when every id is), or the last position when there is no pad id.
-    fn last_non_pad(&self, seq: &[u32], padded: &[u32]) -> usize {
-        match self.pad_token_id {
-            Some(p) => padded.iter().rposition(|&t| t != p).unwrap_or(0),
-            None => seq.len() - 1,
-        }
     }
 
     /// Scores (first logit) of whole conversations, chat-templated as transformers'
@@ -369,6 +344,15 @@ impl ArmoHead {
             (candle_nn::ops::softmax(&(x / self.temperature)?, D::Minus1)? * self.logit_scale)?;
         let adjusted = rewards.matmul(&self.transform)?;
         (gate * adjusted)?.sum_keepdim(D::Minus1)
+    }
+}
+
+/// transformers' `last_non_pad_token`: the rightmost position of the padded row whose id is not the
+/// pad id (position 0 when every id is), or the sequence's last position when there is no pad id.
+pub(crate) fn last_non_pad(pad_token_id: Option<u32>, seq: &[u32], padded: &[u32]) -> usize {
+    match pad_token_id {
+        Some(p) => padded.iter().rposition(|&t| t != p).unwrap_or(0),
+        None => seq.len() - 1,
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::model::{ChatTemplate, Decoder, Family, ModelConfig};
 use crate::train::data::{read_rows, DataError};
-use crate::train::objective::{log_sigmoid, Heads, MicroOut, Objective};
+use crate::train::objective::{log_sigmoid, mean_metrics, pad_with, Heads, MicroOut, Objective};
 use crate::train::TrainError;
 
 pub const SCORE: &str = "score.weight";
@@ -201,36 +201,13 @@ impl Objective for RewardObjective {
             .chain(idx.iter().map(|&i| self.pairs[i].rejected.as_slice()))
             .collect();
         let (n, m) = (seqs.len(), idx.len());
-        let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let pad = self.pad_token_id.unwrap_or(0);
-        let ids: Vec<Vec<u32>> = seqs
-            .iter()
-            .map(|s| {
-                let mut r = s.to_vec();
-                r.resize(width, pad);
-                r
-            })
-            .collect();
-        let mask: Vec<Vec<u8>> = seqs
-            .iter()
-            .map(|s| {
-                let mut r = vec![1u8; s.len()];
-                r.resize(width, 0);
-                r
-            })
-            .collect();
-        // transformers' reading position: the last token that is not the pad token.
+        let (ids, mask) = pad_with(&seqs, self.pad_token_id.unwrap_or(0));
+        let width = ids[0].len();
         let rows: Vec<u32> = ids
             .iter()
             .zip(&seqs)
             .enumerate()
-            .map(|(b, (r, s))| {
-                let p = match self.pad_token_id {
-                    Some(p) => r.iter().rposition(|&t| t != p).unwrap_or(0),
-                    None => s.len() - 1,
-                };
-                (b * width + p) as u32
-            })
+            .map(|(b, (r, s))| (b * width + super::last_non_pad(self.pad_token_id, s, r)) as u32)
             .collect();
         let traced = model.traced_hidden(&ids, &mask)?;
         let leaf = candle(Var::from_tensor(&traced.hidden), "hidden states")?;
@@ -272,9 +249,7 @@ impl Objective for RewardObjective {
         })
     }
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
-        sums.iter()
-            .map(|(k, v)| (k.clone(), v / n.max(1) as f64))
-            .collect()
+        mean_metrics(sums, n)
     }
     fn fingerprint(&self) -> String {
         let mut h = blake3::Hasher::new();

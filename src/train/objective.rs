@@ -103,12 +103,17 @@ fn candle<T>(r: candle_core::Result<T>, what: &str) -> Result<T, TrainError> {
 
 /// Right-pad sequences; returns ids and attention mask.
 fn pad(seqs: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    pad_with(seqs, 0)
+}
+
+/// Right-pad to the longest sequence with `value`; the mask marks the real tokens.
+pub(crate) fn pad_with(seqs: &[&[u32]], value: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
     let w = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let ids = seqs
         .iter()
         .map(|s| {
             let mut r = s.to_vec();
-            r.resize(w, 0);
+            r.resize(w, value);
             r
         })
         .collect();
@@ -513,6 +518,13 @@ impl DpoObjective {
 }
 
 /// log σ(x), stable and differentiable: min(x, 0) - log(1 + exp(-|x|)).
+/// Per-example metric sums as means over `n` examples.
+pub(crate) fn mean_metrics(sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
+    sums.iter()
+        .map(|(k, v)| (k.clone(), v / n.max(1) as f64))
+        .collect()
+}
+
 pub(crate) fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     let zeros = x.zeros_like()?;
     x.minimum(&zeros)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
@@ -625,9 +637,7 @@ impl Objective for DpoObjective {
         })
     }
     fn finish_metrics(&self, sums: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
-        sums.iter()
-            .map(|(k, v)| (k.clone(), v / n.max(1) as f64))
-            .collect()
+        mean_metrics(sums, n)
     }
     fn fingerprint(&self) -> String {
         let mut h = blake3::Hasher::new();
