@@ -6,6 +6,8 @@
 //! ```text
 //! base (source) --\
 //! data ------------+-> sft -> dpo -> eval (base, sft, dpo)
+//!                                 \-> bench-base, bench-sft, bench-dpo (held-out counting prompts,
+//!                                     greedy answers scored by the eval module) -> the report
 //! ```
 
 use std::path::Path;
@@ -293,6 +295,114 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
             std::fs::write(ctx.out("eval.json")?, serde_json::to_vec_pretty(&report)?)?;
             Ok(())
         },
+    )?;
+    for (name, model, role) in [
+        ("base", base, "base"),
+        ("sft", sft, "sft"),
+        ("dpo", dpo, "fused"),
+    ] {
+        exp.step(
+            step(&format!("bench-{name}")).kind("sft-dpo-demo/bench"),
+            &json!({"device": p.device, "role": role, "model": name, "max_new_tokens": 12}),
+            &[model, data],
+            move |ctx| bench_step(ctx, name),
+        )?;
+    }
+    Ok(())
+}
+
+/// The held-out counting prompts as an exact-answer benchmark (the gold answer is the last number
+/// of the count), answered greedily by one model and scored by the eval module.
+fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {
+    use crate::eval::answer::{answer, Answerer, Settings};
+    use crate::eval::bench::{Benchmark, Generation, Item, Kind};
+    use crate::eval::{output, score};
+
+    let prm: Value = ctx.params()?;
+    let device = prm["device"].as_str().unwrap_or("cpu").to_string();
+    let role = prm["role"].as_str().unwrap_or("other").to_string();
+    let max_new_tokens = prm["max_new_tokens"].as_u64().unwrap_or(12) as usize;
+    let data = ctx.input("data")?.to_path_buf();
+    let mut items = Vec::new();
+    for (i, line) in std::fs::read_to_string(data.join("eval_sft.jsonl"))?
+        .lines()
+        .enumerate()
+    {
+        let v: Value = serde_json::from_str(line)?;
+        let q = v["messages"][0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let a = v["messages"][1]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        items.push(Item {
+            id: format!("count-{i}"),
+            category: "counting".into(),
+            turns: vec![q],
+            system: None,
+            gold: a.split_whitespace().last().map(str::to_string),
+            choices: vec![],
+            code_prompt: None,
+            tests: None,
+            entry_point: None,
+            baseline: None,
+            difficulty: None,
+            reference: vec![],
+        });
+    }
+    let bench = Benchmark {
+        name: "counting".into(),
+        kind: Kind::Exact,
+        generation: Generation {
+            max_new_tokens,
+            temperature: 0.0,
+        },
+        source: "data/eval_sft.jsonl".into(),
+        source_digest: String::new(),
+        items,
+        baseline_name: None,
+    };
+    let dir = ctx.input(input)?.to_path_buf();
+    let ck = Checkpoint::open(&dir)?;
+    let model = decoder(&dir, &device)?;
+    let m = crate::sample::job::Model {
+        decoder: &model,
+        tokenizer: ck.tokenizer()?,
+        template: ck.template()?,
+        identity: crate::train::model_identity(&dir)?,
+    };
+    let settings = Settings {
+        name: input.to_string(),
+        samples: 1,
+        temperature: 0.0,
+        max_new_tokens,
+        seed: ctx.seed(),
+        slots: 8,
+        stop_token_ids: ck.stop_token_ids(),
+    };
+    let work = ctx.work_dir()?.to_path_buf();
+    let (answers, stats) = answer(
+        &bench,
+        &Answerer::Local(m),
+        &settings,
+        &work,
+        &work.join("cache"),
+        &|_, _, _, _| {},
+    )?;
+    let verdicts = score::score_text(&bench, &answers)?;
+    let result = score::summarise(&bench, input, &answers, verdicts, None, &[], ctx.seed());
+    ctx.metric("score", result.score.value);
+    ctx.metric("generated_tokens", stats.generated_tokens as f64);
+    output::write(
+        ctx.out_dir(),
+        &bench,
+        &result,
+        &answers,
+        Some(&role),
+        Some("counting"),
+        json!({"settings": settings}),
     )?;
     Ok(())
 }

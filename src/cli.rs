@@ -91,6 +91,131 @@ pub enum Command {
     /// Sample answers from a local model for every prompt of a prompt table, N per prompt by
     /// category, with continuous batching; chunks survive a kill and a re-run finishes the rest.
     Sample(SampleArgs),
+    /// Evaluate a model (or answers made elsewhere) on a benchmark: generate greedily, score, and
+    /// write the verdicts, the summary and the official tools' answer layouts.
+    Eval(EvalArgs),
+    /// Compare two evaluation results of the same benchmark item by item: the paired difference,
+    /// its interval and p-value.
+    Compare(CompareArgs),
+    /// Render an experiment's comparison report from the store: reports/<experiment>.html (one
+    /// self-contained page) and reports/<experiment>.json (the same numbers for scripts).
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The experiment (its latest successful run in the store), or the report's name with --results.
+    pub experiment: String,
+    /// Instead of an experiment: evaluation directories written by `fuselab eval` (repeatable).
+    #[arg(long)]
+    pub results: Vec<PathBuf>,
+    /// Output directory.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    /// Seeds the paired bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A built-in benchmark (humaneval, mt-bench) or a benchmark file: a JSON object with `kind`
+    /// and `items`, or JSONL items with --kind.
+    #[arg(long)]
+    pub bench: String,
+    /// The scorer of a JSONL benchmark file.
+    #[arg(long, value_enum)]
+    pub kind: Option<fuselab::eval::bench::Kind>,
+    /// A Hugging Face checkpoint directory, or the base URL (up to `/v1`) of an OpenAI-compatible
+    /// server, that answers the benchmark.
+    #[arg(long, required_unless_present = "answers", conflicts_with = "answers")]
+    pub model: Option<PathBuf>,
+    /// Server mode: the `model` name each request carries.
+    #[arg(long)]
+    pub served_model: Option<String>,
+    /// Score answers made elsewhere instead: JSONL rows with an item id (`id`, `task_id`,
+    /// `question_id`) and `completion` / `output` / `answer` / `text` / `turns`; alpaca_eval's
+    /// `model_outputs.json` (matched by instruction) and MT-Bench's `model_answer` rows work too.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// The model's name in the results and exports (default: the checkpoint's directory name or the
+    /// answers file's stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The model's role in a report (base, sft, fused, source) and the benchmark's category for the
+    /// per-category means; stored in `result.json`.
+    #[arg(long)]
+    pub role: Option<String>,
+    #[arg(long)]
+    pub category: Option<String>,
+    /// Only the first N items.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Samples per item (pass@k for code needs n >= k; above 1, sampling uses --temperature).
+    #[arg(long, default_value_t = 1)]
+    pub samples: u32,
+    /// 0 = greedy, the default of every benchmark.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sequences decoding at once (local model).
+    #[arg(long, default_value_t = 16)]
+    pub slots: usize,
+    /// Judged benchmarks: a checkpoint directory (a local judge LM) or an OpenAI-compatible base URL.
+    #[arg(long)]
+    pub judge: Option<PathBuf>,
+    /// Server judge: the `model` name each request carries.
+    #[arg(long)]
+    pub judge_model: Option<String>,
+    /// Replace the judge prompt (pairwise, arena): a text file of `<|im_start|>system` and
+    /// `<|im_start|>user` blocks using the same placeholders; its digest is recorded.
+    #[arg(long)]
+    pub judge_prompt: Option<PathBuf>,
+    /// Judge replies longer than a verdict (arena, MT-Bench): max tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub judge_max_tokens: usize,
+    /// Server mode (model and judge): requests in flight, seconds per request, retries.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+    /// Seeds the bootstrap, the judge's answer order and sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Code: parallel sandboxed checks, seconds per check, memory per check (MiB), interpreter.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    #[arg(long, default_value_t = 10.0)]
+    pub check_timeout: f64,
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mib: u64,
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Where answers, verdicts, `result.json` and the exports go (default: eval/<bench>-<name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Two evaluation results (`result.json` files or the directories `fuselab eval` wrote).
+    pub a: PathBuf,
+    pub b: PathBuf,
+    /// Seeds the paired bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -4,10 +4,12 @@
 pub mod annotate;
 pub mod construct;
 pub mod data;
+pub mod eval;
 pub mod fs;
 pub mod generate;
 pub mod model;
 pub mod recipe;
+pub mod report;
 pub mod reward;
 pub mod sample;
 pub mod store;

@@ -39,6 +39,9 @@ fn main() {
         Command::Data(c) => commands::data(c),
         Command::Construct(a) => commands::construct(a),
         Command::Sample(a) => commands::sample(store, a),
+        Command::Eval(a) => commands::eval(store, a),
+        Command::Compare(a) => commands::compare(a),
+        Command::Report(a) => commands::report(store, a),
     };
     match result {
         Ok(code) => std::process::exit(code),

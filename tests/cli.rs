@@ -3,6 +3,7 @@
 
 mod annotate;
 mod data;
+mod eval;
 mod hardening;
 mod util;
 
@@ -1177,7 +1178,16 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
     let r = t.json(&["run", "sft-dpo-demo", "--set", &base]);
     assert_eq!(
         sorted(steps_with(&r, "ran")),
-        ["base", "data", "dpo", "eval", "sft"]
+        [
+            "base",
+            "bench-base",
+            "bench-dpo",
+            "bench-sft",
+            "data",
+            "dpo",
+            "eval",
+            "sft"
+        ]
     );
     let eval_tree = outputs(&r)["eval"].clone();
     let tree: Value = t.json(&["show", &eval_tree]);
@@ -1193,7 +1203,7 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
         "{report:#}"
     );
     assert!(steps_with(&t.json(&["run", "sft-dpo-demo", "--set", &base]), "ran").is_empty());
-    // A DPO hyperparameter re-executes dpo and eval only.
+    // A DPO hyperparameter re-executes dpo and what reads it (eval, bench-dpo) only.
     let r2 = t.json(&[
         "run",
         "sft-dpo-demo",
@@ -1202,7 +1212,7 @@ fn sft_then_dpo_run_as_cached_steps_of_an_experiment() {
         "--set",
         "dpo.beta=0.2",
     ]);
-    assert_eq!(sorted(steps_with(&r2, "ran")), ["dpo", "eval"]);
+    assert_eq!(sorted(steps_with(&r2, "ran")), ["bench-dpo", "dpo", "eval"]);
     // The trained checkpoint's lineage reaches the base model and the data step.
     let up = t.json_lineage(&[&outputs(&r)["dpo"], "--format", "json"]);
     let steps: BTreeSet<&str> = up["runs"]

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::{print_json, Status};
 use crate::cli::AnnotateCommand;
 
-fn code_options(
+pub(crate) fn code_options(
     jobs: usize,
     timeout: f64,
     memory_mib: u64,

@@ -2,6 +2,7 @@
 
 mod annotate;
 mod data;
+mod eval;
 mod inspect;
 mod model;
 mod run;
@@ -10,6 +11,7 @@ mod train;
 
 pub use annotate::annotate;
 pub use data::{construct, data, sample};
+pub use eval::{compare, eval, report};
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};

@@ -56,6 +56,29 @@ pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
             report.invocation
         );
     }
+    // The report is the last stage of every experiment that evaluates models: rendered from the
+    // store after a complete run (cached or not), so it always shows the latest results.
+    // A report that cannot be written does not undo a completed run: it is reported, and
+    // `fuselab report` can render it later.
+    if report.failure.is_none() && args.until.is_none() {
+        let written =
+            fuselab::report::gather::gather(&store, &report.experiment, 0).and_then(|data| {
+                if data.benches.is_empty() {
+                    return Ok(None);
+                }
+                let dir = project_dir()
+                    .map_err(|e| fuselab::report::ReportError::Render(e.to_string()))?;
+                fuselab::report::write_data(&data, &dir.join("reports")).map(|p| Some(p.0))
+            });
+        match written {
+            Ok(Some(html)) if !args.exp.json => eprintln!("report: {}", html.display()),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "warning: the report of {} was not written: {e}",
+                report.experiment
+            ),
+        }
+    }
     match report.failure.take() {
         Some(e) => Err(anyhow::Error::new(e).context(format!(
             "experiment `{}` did not complete (invocation {})",

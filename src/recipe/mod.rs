@@ -23,7 +23,7 @@ pub use engine::{
     exec_step, plan, run, verify, ExecutorKind, PlanEntry, PlanStatus, RunOptions, RunReport,
     StepReport, StepStatus, VerifyEntry, VerifyStatus,
 };
-pub use key::{SpecInput, StepSpec};
+pub use key::{fuselab_version, SpecInput, StepSpec};
 pub use params::set_param;
 
 use std::collections::BTreeMap;

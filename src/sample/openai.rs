@@ -73,7 +73,7 @@ struct Cached {
     tokens: u32,
 }
 
-fn snippet(s: &str) -> String {
+pub(crate) fn snippet(s: &str) -> String {
     let mut t: String = s.chars().take(300).collect();
     if t.len() < s.len() {
         t.push('…');
@@ -82,7 +82,7 @@ fn snippet(s: &str) -> String {
 }
 
 impl Endpoint {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
     }
 
@@ -118,6 +118,18 @@ impl Endpoint {
         body: &Value,
         retries: &AtomicU64,
     ) -> Result<Cached, EndpointError> {
+        let text = self.post(agent, body, retries)?;
+        parse(&self.url(), &text)
+    }
+
+    /// POST one chat-completions body and return the 200 response's text; 429, 5xx and connection
+    /// errors are retried with exponential backoff, other statuses fail at once.
+    pub(crate) fn post(
+        &self,
+        agent: &ureq::Agent,
+        body: &Value,
+        retries: &AtomicU64,
+    ) -> Result<String, EndpointError> {
         let url = self.url();
         let mut attempt = 0u32;
         loop {
@@ -138,7 +150,7 @@ impl Endpoint {
                                 reason: format!("reading the response: {e}"),
                             })?;
                     if status == 200 {
-                        return parse(&url, &text);
+                        return Ok(text);
                     }
                     if status == 429 || status >= 500 {
                         Err(EndpointError::Status {
@@ -211,6 +223,15 @@ fn cache_path(dir: &Path, body: &Value) -> PathBuf {
     dir.join(&key[..2]).join(format!("{}.json", &key[2..]))
 }
 
+/// The HTTP agent every endpoint client uses: one global timeout per request, statuses as values.
+pub(crate) fn agent(timeout_s: f64) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs_f64(timeout_s.max(0.001))))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
 /// Sample every prompt `spec.n_for(category)` times through `ep`, reading and filling the request
 /// cache in `cache_dir`. `progress(samples done)`.
 pub fn run(
@@ -226,11 +247,7 @@ pub fn run(
             work.push((pi, i));
         }
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs_f64(ep.timeout_s.max(0.001))))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = agent(ep.timeout_s);
     let results: Vec<Mutex<Option<Cached>>> = work.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::util::TestContext;
+use crate::util::{broken_server, openai_server, TestContext};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -564,80 +564,12 @@ fn construct_cli_writes_sets_and_a_composition_that_adds_up() {
     assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Stops a loopback server when the test ends, however it ends.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback HTTP server that answers every POST with `status` and `body` (the failure modes a
-/// real server shows only by accident); it counts requests in `hits`.
-fn broken_server(status: u16, body: &str, hits: &Path) -> (Server, u16) {
-    let port = free_port();
-    let script = format!(
-        r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with open({hits:?}, "a") as f: f.write("x")
-        self.send_response({status}); self.end_headers(); self.wfile.write({body:?}.encode())
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
-"#,
-        hits = hits.to_str().unwrap(),
-    );
-    let child = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Server(child), port)
-}
-
 #[test]
 fn openai_endpoint_samples_every_prompt_from_a_real_server_and_caches() {
     let t = TestContext::new();
     let root = root();
-    let port = free_port();
-    let pidfile = t.dir.path().join("serve.pid");
     let model = root.join("tests/fixtures/hf/llama");
-    let started = std::process::Command::new("bash")
-        .arg(root.join("scripts/openai-server.sh"))
-        .args(["start", &port.to_string(), s(&model), s(&pidfile)])
-        .status()
-        .unwrap();
-    assert!(
-        started.success(),
-        "transformers serve did not start (see scripts/openai-server.sh)"
-    );
-    struct Stop(PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Ok(pid) = fs::read_to_string(&self.0) {
-                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
-            }
-        }
-    }
-    let _stop = Stop(pidfile);
+    let (_server, port) = openai_server(t.dir.path(), &model);
     let prompts = prompt_table(&t, 6);
     let url = format!("http://127.0.0.1:{port}/v1");
     let cache = t.dir.path().join("request-cache");

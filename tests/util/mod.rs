@@ -169,3 +169,86 @@ pub fn sft_rows(n: u32) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Stops a loopback server when the test ends, however it ends.
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback HTTP server that answers every POST with `status` and `body` (the failure modes a
+/// real server shows only by accident); it counts requests in `hits`.
+pub fn broken_server(status: u16, body: &str, hits: &Path) -> (Server, u16) {
+    let port = free_port();
+    let script = format!(
+        r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open({hits:?}, "a") as f: f.write("x")
+        self.send_response({status}); self.end_headers(); self.wfile.write({body:?}.encode())
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+"#,
+        hits = hits.to_str().unwrap(),
+    );
+    let child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (Server(child), port)
+}
+
+/// Kills the `scripts/openai-server.sh` server whose pid file it holds when dropped.
+pub struct ServeGuard(pub PathBuf);
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// A real OpenAI-compatible server (`transformers serve`) on a free loopback port, serving the
+/// checkpoint `model`; installed and started by the project's own script.
+pub fn openai_server(scratch: &Path, model: &Path) -> (ServeGuard, u16) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let port = free_port();
+    let pidfile = scratch.join(format!("serve-{port}.pid"));
+    let started = Command::new("bash")
+        .arg(root.join("scripts/openai-server.sh"))
+        .args([
+            "start",
+            &port.to_string(),
+            model.to_str().unwrap(),
+            pidfile.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        started.success(),
+        "transformers serve did not start (see scripts/openai-server.sh)"
+    );
+    (ServeGuard(pidfile), port)
+}
