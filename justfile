@@ -53,3 +53,7 @@ bench-construct:
 # Sampling throughput (8 samples x 256 prompts) vs transformers generate (installs torch into .venv); updates BENCHMARKS.md.
 bench-sample:
     bash benches/sample.sh
+
+# Evaluation throughput (128 generated answers, scored) vs transformers generate (torch from .venv or the serving venv); updates BENCHMARKS.md.
+bench-eval:
+    bash benches/eval.sh

@@ -164,6 +164,9 @@ pub struct EvalArgs {
     /// Sequences decoding at once (local model).
     #[arg(long, default_value_t = 16)]
     pub slots: usize,
+    /// Generate exactly --max-new-tokens per answer (benchmarks of throughput).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Judged benchmarks: a checkpoint directory (a local judge LM) or an OpenAI-compatible base URL.
     #[arg(long)]
     pub judge: Option<PathBuf>,
@@ -208,7 +211,8 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
-    /// Two evaluation results (`result.json` files or the directories `fuselab eval` wrote).
+    /// Two evaluation results: `result.json` files, the directories `fuselab eval` wrote, or digest
+    /// prefixes of eval steps' outputs in the store (as `fuselab report` lists them).
     pub a: PathBuf,
     pub b: PathBuf,
     /// Seeds the paired bootstrap.

@@ -40,7 +40,7 @@ fn main() {
         Command::Construct(a) => commands::construct(a),
         Command::Sample(a) => commands::sample(store, a),
         Command::Eval(a) => commands::eval(store, a),
-        Command::Compare(a) => commands::compare(a),
+        Command::Compare(a) => commands::compare(store, a),
         Command::Report(a) => commands::report(store, a),
     };
     match result {

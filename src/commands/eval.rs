@@ -88,7 +88,12 @@ fn generate(
             template: local.1.template()?,
             identity: fuselab::train::model_identity(&local.1.dir)?,
         };
-        (Answerer::Local(m), local.1.stop_token_ids())
+        let stops = if a.ignore_eos {
+            vec![]
+        } else {
+            local.1.stop_token_ids()
+        };
+        (Answerer::Local(m), stops)
     };
     let settings = Settings {
         name: name.to_string(),
@@ -324,22 +329,47 @@ fn print_summary(r: &BenchResult, out: &Path) {
     println!("  -> {}", out.display());
 }
 
-fn load_result(p: &Path) -> anyhow::Result<BenchResult> {
-    let file = if p.is_dir() {
-        p.join("result.json")
+/// An eval result: a `result.json`, a directory holding one, or (when no such path exists) the
+/// digest prefix of an eval step's output tree in the store.
+fn load_result(store: &Path, p: &Path) -> anyhow::Result<BenchResult> {
+    let bytes = if p.exists() {
+        let file = if p.is_dir() {
+            p.join("result.json")
+        } else {
+            p.to_path_buf()
+        };
+        std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
     } else {
-        p.to_path_buf()
+        let prefix = p.to_str().unwrap_or("");
+        if !(4..=64).contains(&prefix.len()) || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "{}: no such file, and not a digest prefix (4 to 64 hexadecimal digits)",
+                p.display()
+            );
+        }
+        let store = super::open_store(store)?;
+        let d = store.resolve_prefix(prefix)?;
+        let tree = store
+            .read_tree(&d)
+            .with_context(|| format!("{prefix}: not an eval step's output tree"))?;
+        let e = tree
+            .entries
+            .iter()
+            .find(|e| e.path == "result.json")
+            .with_context(|| {
+                format!("{prefix}: the tree holds no result.json (not an eval step's outputs)")
+            })?;
+        store.verify_object(&e.digest)?;
+        store.read_bytes(&e.digest)?
     };
-    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let v: Value =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", file.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", p.display()))?;
     let r = v.get("result").cloned().unwrap_or(v);
-    serde_json::from_value(r)
-        .with_context(|| format!("{}: not a fuselab eval result", file.display()))
+    serde_json::from_value(r).with_context(|| format!("{}: not a fuselab eval result", p.display()))
 }
 
-pub fn compare(a: &CompareArgs) -> Status {
-    let (x, y) = (load_result(&a.a)?, load_result(&a.b)?);
+pub fn compare(store: &Path, a: &CompareArgs) -> Status {
+    let (x, y) = (load_result(store, &a.a)?, load_result(store, &a.b)?);
     if x.bench != y.bench {
         bail!(
             "{} is {} but {} is {}: a paired comparison needs the same benchmark",

@@ -35,6 +35,9 @@ impl Linear {
         let x2 = x.reshape((rows, inner))?;
         let y = match super::fused::small_matmul_t(&x2, &self.w)? {
             Some(y) => y,
+            None if rows <= 256 && !self.w.is_variable() => {
+                self.w.matmul(&x2.t()?)?.t()?.contiguous()?
+            }
             None => x2.matmul(&self.w.t()?)?,
         }
         .reshape(out_dims)?;
@@ -61,7 +64,7 @@ pub(crate) struct Layer {
 }
 
 /// Keys and values of every layer for the tokens seen so far.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
 }
@@ -546,10 +549,22 @@ impl Decoder {
             // Grouped-query attention without repeating K/V: the `rep` query heads that share a
             // key/value head are stacked along the query axis, `[b, nkv, rep * t, hd]`.
             let qg = q.to_dtype(acc_dt)?.reshape((b, nkv, rep * t, hd))?;
-            let mut scores = (qg
-                .matmul(&k.to_dtype(acc_dt)?.t()?)?
-                .reshape((b, nh, t, kl))?
-                * scale)?;
+            // Decoding (a cache, few new tokens, nothing recorded): one parallel pass over every
+            // (sequence, kv head) instead of a GEMM call per pair.
+            let decoding =
+                cache.is_some() && tape.is_none() && rep * t <= super::attend::FEW_QUERIES;
+            let raw = if decoding {
+                let q3 = qg.reshape((b * nkv, rep * t, hd))?;
+                let k3 = k.to_dtype(acc_dt)?.reshape((b * nkv, kl, hd))?;
+                super::attend::scores(&q3, &k3)?
+            } else {
+                None
+            };
+            let raw = match raw {
+                Some(s) => s,
+                None => qg.matmul(&k.to_dtype(acc_dt)?.t()?)?,
+            };
+            let mut scores = (raw.reshape((b, nh, t, kl))? * scale)?;
             let mut cap_tanh = None;
             if let Some(cap) = cfg.attn_logit_softcapping {
                 let th = (scores / cap)?.tanh()?;
@@ -563,10 +578,20 @@ impl Decoder {
                 .1;
             let scores = scores.broadcast_add(&mask.to_dtype(acc_dt)?)?;
             let probs = super::fused::softmax_last_dim(&scores)?;
-            let a = probs
-                .to_dtype(self.dtype)?
-                .reshape((b, nkv, rep * t, kl))?
-                .matmul(&v)?
+            let pg = probs.to_dtype(self.dtype)?.reshape((b, nkv, rep * t, kl))?;
+            let mixed = if decoding {
+                super::attend::mix(
+                    &pg.reshape((b * nkv, rep * t, kl))?,
+                    &v.reshape((b * nkv, kl, hd))?,
+                )?
+            } else {
+                None
+            };
+            let mixed = match mixed {
+                Some(m) => m,
+                None => pg.matmul(&v)?,
+            };
+            let a = mixed
                 .reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;

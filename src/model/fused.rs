@@ -15,11 +15,11 @@ use super::config::Activation;
 use super::decoder::{GELU_C, GELU_K};
 
 /// Whether the fused path applies to this tensor.
-pub fn available(t: &Tensor) -> bool {
+pub(super) fn available(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-trait Float:
+pub(super) trait Float:
     Copy
     + Send
     + Sync
@@ -207,7 +207,7 @@ pub(crate) fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a
 
 /// Runs `$body` over the contiguous slices of same-dtype f32 or f64 CPU storages and wraps the
 /// result in a storage of that dtype.
-macro_rules! per_float {
+macro_rules! per_float_impl {
     ($what:expr; $($v:ident = $s:expr, $l:expr);+ => $body:expr) => {{
         #[allow(unused_parens)]
         match ($($s),+) {
@@ -223,6 +223,8 @@ macro_rules! per_float {
         }
     }};
 }
+
+pub(super) use per_float_impl as per_float;
 
 fn row_max<T: Float>(row: &[T]) -> T {
     row.iter()

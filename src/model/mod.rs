@@ -2,6 +2,7 @@
 //! Face checkpoint IO (config, single or sharded safetensors, tokenizer, chat template), one decoder
 //! implementation whose training forward is differentiable end to end, and log-probs.
 
+pub mod attend;
 mod backward;
 pub mod chat;
 pub mod config;

@@ -63,6 +63,8 @@ struct Prefix {
     cache: KvCache,
     logits: Vec<f32>,
     next_index: u32,
+    /// The prompt's row mask in `cache` (left padding of its prefill batch as zeros).
+    mask: Vec<u8>,
 }
 
 /// Statistics of one call, for the run record.
@@ -122,66 +124,114 @@ pub fn sample(
     let mut prefix: Option<Prefix> = None;
     let stops = |tok: u32| params.stop_token_ids.contains(&tok);
     loop {
-        // Fill free slots: first the remaining samples of the current prefix, then new prompts.
+        // Fill free slots: first the remaining samples of the current prefix, then new prompts,
+        // as many as fit, prefilled together in one left-padded forward pass and admitted into
+        // the running batch with one cache append.
         while active.len() < slots {
-            if prefix.is_none() {
-                let Some(r) = queue.pop_front() else { break };
-                let req = &requests[r];
-                let mut pc = KvCache::new();
-                let mask = vec![vec![1u8; req.tokens.len()]];
-                let logits =
-                    model.forward(std::slice::from_ref(&req.tokens), &mask, Some(&mut pc))?;
-                stats.prefill_tokens += req.tokens.len() as u64;
-                let logits = last_logits(&logits)?.pop().expect("one row");
-                prefix = Some(Prefix {
-                    request: r,
-                    cache: pc,
-                    logits,
-                    next_index: 0,
-                });
-            }
-            let p = prefix.as_mut().expect("set above");
-            let req = &requests[p.request];
-            let k = (slots - active.len()).min((req.n - p.next_index) as usize);
-            let mut admitted = Vec::new();
-            for _ in 0..k {
-                let index = p.next_index;
-                p.next_index += 1;
-                let seed = sample_seed(params.seed, &req.prompt_id, source, index);
-                let mut rng = Rng::new(seed, 0);
-                let mut row = p.logits.clone();
-                let tok = pick(&mut row, &req.tokens, params, &mut rng);
-                let mut slot = Slot {
-                    request: p.request,
-                    sample_index: index,
-                    seed,
-                    rng,
-                    prompt_len: req.tokens.len(),
-                    out: Vec::new(),
-                    next: tok,
-                    mask: vec![1u8; req.tokens.len()],
-                };
-                if params.max_new_tokens == 0 {
-                    finish(&mut done, slot, FinishReason::Length);
-                    continue;
-                }
-                match stops(tok).then_some(FinishReason::StopToken) {
-                    Some(f) => finish(&mut done, slot, f),
-                    None => {
-                        slot.out.push(tok);
-                        stats.generated_tokens += 1;
-                        match check_end(&slot, params, context, decode) {
-                            Some(f) => finish(&mut done, slot, f),
-                            None => admitted.push(slot),
-                        }
+            let free = slots - active.len();
+            let mut admitted: Vec<Slot> = Vec::new();
+            // (cache holding the prompts' rows, row of each admitted slot in it)
+            let (source_cache, rows_of): (KvCache, Vec<usize>);
+            if let Some(p) = prefix.as_mut() {
+                let req = &requests[p.request];
+                let k = free.min((req.n - p.next_index) as usize);
+                for _ in 0..k {
+                    let index = p.next_index;
+                    p.next_index += 1;
+                    if let Some(slot) = start_slot(
+                        p.request, req, index, &p.logits, &p.mask, params, source, context, decode,
+                        &mut done, &mut stats,
+                    ) {
+                        admitted.push(slot);
                     }
                 }
+                source_cache = p.cache.clone();
+                rows_of = vec![0; admitted.len()];
+                if p.next_index == req.n {
+                    prefix = None;
+                }
+            } else {
+                let mut group = Vec::new();
+                let mut total = 0usize;
+                while let Some(&r) = queue.front() {
+                    let n = requests[r].n as usize;
+                    if !group.is_empty() && total + n > free {
+                        break;
+                    }
+                    group.push(r);
+                    total += n;
+                    queue.pop_front();
+                    if total >= free {
+                        break;
+                    }
+                }
+                if group.is_empty() {
+                    break;
+                }
+                let width = group
+                    .iter()
+                    .map(|&r| requests[r].tokens.len())
+                    .max()
+                    .unwrap_or(0);
+                let ids: Vec<Vec<u32>> = group
+                    .iter()
+                    .map(|&r| {
+                        let t = &requests[r].tokens;
+                        std::iter::repeat_n(0u32, width - t.len())
+                            .chain(t.iter().copied())
+                            .collect()
+                    })
+                    .collect();
+                let masks: Vec<Vec<u8>> = group
+                    .iter()
+                    .map(|&r| {
+                        let l = requests[r].tokens.len();
+                        std::iter::repeat_n(0u8, width - l)
+                            .chain(std::iter::repeat_n(1u8, l))
+                            .collect()
+                    })
+                    .collect();
+                let mut gc = KvCache::new();
+                let logits = model.forward(&ids, &masks, Some(&mut gc))?;
+                stats.prefill_tokens += group
+                    .iter()
+                    .map(|&r| requests[r].tokens.len() as u64)
+                    .sum::<u64>();
+                let last = last_logits(&logits)?;
+                let mut rows = Vec::new();
+                let mut left = free;
+                for (gi, (&r, row)) in group.iter().zip(last).enumerate() {
+                    let req = &requests[r];
+                    let take = left.min(req.n as usize);
+                    left -= take;
+                    for index in 0..take as u32 {
+                        if let Some(slot) = start_slot(
+                            r, req, index, &row, &masks[gi], params, source, context, decode,
+                            &mut done, &mut stats,
+                        ) {
+                            admitted.push(slot);
+                            rows.push(gi);
+                        }
+                    }
+                    if take < req.n as usize {
+                        let mut one = gc.clone();
+                        one.select_rows(&[gi]).ctx(|| "keeping a prefix".into())?;
+                        prefix = Some(Prefix {
+                            request: r,
+                            cache: one,
+                            logits: row,
+                            next_index: take as u32,
+                            mask: masks[gi].clone(),
+                        });
+                    }
+                }
+                source_cache = gc;
+                rows_of = rows;
             }
             if !admitted.is_empty() {
-                let rows = p
-                    .cache
-                    .repeat_row(admitted.len())
-                    .ctx(|| "copying a prefix".into())?;
+                let mut rows = source_cache;
+                rows.select_rows(&rows_of)
+                    .ctx(|| "copying prefixes".into())?;
                 let (pad_old, pad_new) =
                     cache.append_rows(rows).ctx(|| "admitting samples".into())?;
                 for s in active.iter_mut() {
@@ -191,9 +241,6 @@ pub fn sample(
                     s.mask.splice(0..0, std::iter::repeat_n(0u8, pad_new));
                     active.push(s);
                 }
-            }
-            if p.next_index == req.n {
-                prefix = None;
             }
         }
         on_done(done.len() as u64, stats.generated_tokens);
@@ -260,6 +307,55 @@ pub fn sample(
     done.sort_by_key(|a| (a.request, a.sample_index));
     on_done(done.len() as u64, stats.generated_tokens);
     Ok((done, stats))
+}
+
+/// A new sequence for sample `index` of request `r`, its first token picked from the prompt's last
+/// logits; `None` when that token already ends it (the answer goes to `done`).
+#[allow(clippy::too_many_arguments)]
+fn start_slot(
+    r: usize,
+    req: &Request,
+    index: u32,
+    logits: &[f32],
+    mask: &[u8],
+    params: &SamplingParams,
+    source: &str,
+    context: usize,
+    decode: &dyn Fn(&[u32]) -> String,
+    done: &mut Vec<Answer>,
+    stats: &mut Stats,
+) -> Option<Slot> {
+    let seed = sample_seed(params.seed, &req.prompt_id, source, index);
+    let mut rng = Rng::new(seed, 0);
+    let mut row = logits.to_vec();
+    let tok = pick(&mut row, &req.tokens, params, &mut rng);
+    let mut slot = Slot {
+        request: r,
+        sample_index: index,
+        seed,
+        rng,
+        prompt_len: req.tokens.len(),
+        out: Vec::new(),
+        next: tok,
+        mask: mask.to_vec(),
+    };
+    if params.max_new_tokens == 0 {
+        finish(done, slot, FinishReason::Length);
+        return None;
+    }
+    if params.stop_token_ids.contains(&tok) {
+        finish(done, slot, FinishReason::StopToken);
+        return None;
+    }
+    slot.out.push(tok);
+    stats.generated_tokens += 1;
+    match check_end(&slot, params, context, decode) {
+        Some(f) => {
+            finish(done, slot, f);
+            None
+        }
+        None => Some(slot),
+    }
 }
 
 fn finish(done: &mut Vec<Answer>, s: Slot, f: FinishReason) {

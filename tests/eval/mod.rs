@@ -342,6 +342,74 @@ fn judges_on_a_real_server_are_cached_and_failures_are_counted() {
 }
 
 #[test]
+fn mt_bench_grades_both_turns_with_the_real_prompts_and_exports_model_answers() {
+    // The real MT-Bench questions and FastChat's judge prompts; the judge is a loopback server that
+    // grades every answer [[7]] (what a judge says is not under test here; the pipeline is).
+    let t = TestContext::new();
+    let hits = t.dir.path().join("hits");
+    let reply = json!({"choices": [{"message": {"role": "assistant", "content": "The answer is fine.\n\nRating: [[7]]"}, "finish_reason": "stop"}]});
+    let (_srv, port) = broken_server(200, &reply.to_string(), &hits);
+    let questions = read_jsonl(&root().join("../shared/data/mt_bench/question.jsonl"));
+    // Two writing items and the first math item (reference-guided).
+    let picked: Vec<&Value> = questions
+        .iter()
+        .filter(|q| q["question_id"] == 81 || q["question_id"] == 82 || q["question_id"] == 111)
+        .collect();
+    assert_eq!(picked.len(), 3);
+    let answers = t.project.join("mt.jsonl");
+    let rows: Vec<Value> = picked.iter().map(|q| json!({"question_id": q["question_id"], "turns": ["first answer", "second answer"]})).collect();
+    write_jsonl(&answers, &rows);
+    let out = t.project.join("mt");
+    let r = t.json(&[
+        "eval",
+        "--bench",
+        "mt-bench",
+        "--answers",
+        s(&answers),
+        "--judge",
+        &format!("http://127.0.0.1:{port}/v1"),
+        "--judge-model",
+        "gpt-4",
+        "--name",
+        "m1",
+        "--out",
+        s(&out),
+    ]);
+    let res = &r["result"];
+    assert_eq!(
+        (res["n_items"].as_u64(), res["n_unscored"].as_u64()),
+        (Some(3), Some(0)),
+        "{res}"
+    );
+    assert_eq!(res["scale"], "rating");
+    assert_eq!(res["score"]["value"].as_f64(), Some(7.0));
+    // Two turns judged per item: 6 requests; the prompts used include the reference-guided ones.
+    assert_eq!(fs::read_to_string(&hits).unwrap().len(), 6);
+    let prompts: Vec<&str> = res["judge"]["prompts"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        prompts,
+        [
+            "single-math-v1",
+            "single-math-v1-multi-turn",
+            "single-v1",
+            "single-v1-multi-turn"
+        ]
+    );
+    let exported = read_jsonl(&out.join("model_answer/m1.jsonl"));
+    assert_eq!(exported.len(), 3);
+    assert_eq!(exported[0]["question_id"], 81);
+    assert_eq!(
+        exported[0]["choices"][0]["turns"],
+        json!(["first answer", "second answer"])
+    );
+}
+
+#[test]
 fn a_local_judge_lm_gives_logprob_preferences_and_an_lc_win_rate() {
     let t = TestContext::new();
     let judge = root().join("tests/fixtures/hf/qwen2");
@@ -649,6 +717,17 @@ fn the_report_opens_in_chromium_with_charts_and_hostile_answers_as_text() {
         ["base", "sft", "fused"]
     );
     assert!(cells[1]["vs_base"]["p"].as_f64().is_some());
+    // compare reads eval step outputs from the store by digest prefix, with the report's numbers.
+    let d = |c: &Value| c["digest"].as_str().unwrap()[..12].to_string();
+    let c = t.json(&["compare", &d(&cells[2]), &d(&cells[0])]);
+    assert_eq!(
+        c["paired_items"].as_u64(),
+        Some(cells[0]["n"].as_u64().unwrap())
+    );
+    assert!(
+        (c["diff"].as_f64().unwrap() - cells[2]["vs_base"]["diff"].as_f64().unwrap()).abs() < 1e-9,
+        "{c}"
+    );
     assert!(
         data["curves"].as_array().unwrap().len() >= 2,
         "SFT and DPO curves"

@@ -1,0 +1,259 @@
+//! Decode-time attention products for a few query rows per key/value head: the scores `q k^T` and
+//! the mix `p v`, batched over (sequence, kv head) in one parallel pass. candle's batched matmul
+//! issues one GEMM call per batch element — at 64 sequences x 8 heads x 8 layers that is thousands
+//! of tiny GEMMs per decode step, each paying operand packing and a thread-pool dispatch. Both
+//! ops are differentiable (their backward is two matmuls), though only inference uses them.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused::{available, contiguous, per_float, Float};
+
+/// At most this many query rows per batch element take these kernels.
+pub const FEW_QUERIES: usize = 8;
+
+fn applies(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(available(a)
+        && a.dtype() == b.dtype()
+        && a.rank() == 3
+        && b.rank() == 3
+        && a.dim(1)? <= FEW_QUERIES)
+}
+
+/// `a [B, r, d] · b [B, n, d]^T -> [B, r, n]`; `None` where it does not apply.
+pub fn scores(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(a, b)? {
+        return Ok(None);
+    }
+    Ok(Some(a.contiguous()?.apply_op2(&b.contiguous()?, Scores)?))
+}
+
+/// `p [B, r, n] · v [B, n, d] -> [B, r, d]`; `None` where it does not apply.
+pub fn mix(p: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(p, v)? {
+        return Ok(None);
+    }
+    Ok(Some(p.contiguous()?.apply_op2(&v.contiguous()?, Mix)?))
+}
+
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the kernel is compiled for.
+        if let Some(v) = unsafe { T::dot_avx2(a, b) } {
+            return v;
+        }
+    }
+    let mut acc = [T::from64(0.0); 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in at.iter().zip(bt) {
+        s = s + *x * *y;
+    }
+    s
+}
+
+fn scores_rows<T: Float>(a: &[T], b: &[T], r: usize, n: usize, d: usize) -> Vec<T> {
+    let batches = a.len() / (r * d);
+    let mut out = vec![T::from64(0.0); batches * r * n];
+    out.par_chunks_mut(r * n).enumerate().for_each(|(bi, o)| {
+        let (a, b) = (
+            &a[bi * r * d..(bi + 1) * r * d],
+            &b[bi * n * d..(bi + 1) * n * d],
+        );
+        for i in 0..r {
+            let ai = &a[i * d..(i + 1) * d];
+            for (j, bj) in b.chunks_exact(d).enumerate() {
+                o[i * n + j] = dot(ai, bj);
+            }
+        }
+    });
+    out
+}
+
+fn mix_rows<T: Float>(p: &[T], v: &[T], r: usize, n: usize, d: usize) -> Vec<T> {
+    let batches = p.len() / (r * n);
+    let mut out = vec![T::from64(0.0); batches * r * d];
+    out.par_chunks_mut(r * d).enumerate().for_each(|(bi, o)| {
+        let (p, v) = (
+            &p[bi * r * n..(bi + 1) * r * n],
+            &v[bi * n * d..(bi + 1) * n * d],
+        );
+        for i in 0..r {
+            let oi = &mut o[i * d..(i + 1) * d];
+            for (j, vj) in v.chunks_exact(d).enumerate() {
+                let w = p[i * n + j];
+                for (x, y) in oi.iter_mut().zip(vj) {
+                    *x = *x + w * *y;
+                }
+            }
+        }
+    });
+    out
+}
+
+struct Scores;
+
+impl CustomOp2 for Scores {
+    fn name(&self) -> &'static str {
+        "decode-attention-scores"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (ba, r, d) = l1.shape().dims3()?;
+        let (bb, n, d2) = l2.shape().dims3()?;
+        if ba != bb || d != d2 {
+            candle_core::bail!(
+                "attention scores: {:?} and {:?} do not fit",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out =
+            per_float!("attention scores"; a = s1, l1; b = s2, l2 => scores_rows(a, b, r, n, d));
+        Ok((out, Shape::from((ba, r, n))))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(grad.matmul(b)?),
+            Some(grad.transpose(1, 2)?.matmul(a)?),
+        ))
+    }
+}
+
+struct Mix;
+
+impl CustomOp2 for Mix {
+    fn name(&self) -> &'static str {
+        "decode-attention-mix"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bp, r, n) = l1.shape().dims3()?;
+        let (bv, n2, d) = l2.shape().dims3()?;
+        if bp != bv || n != n2 {
+            candle_core::bail!(
+                "attention mix: {:?} and {:?} do not fit",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = per_float!("attention mix"; p = s1, l1; v = s2, l2 => mix_rows(p, v, r, n, d));
+        Ok((out, Shape::from((bp, r, d))))
+    }
+    fn bwd(
+        &self,
+        p: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(grad.matmul(&v.transpose(1, 2)?)?),
+            Some(p.transpose(1, 2)?.matmul(grad)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = crate::generate::Rng::new(seed, 0);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn match_batched_matmul_forward_and_backward() {
+        let a = Var::from_tensor(&rand(&[6, 3, 37], 1)).unwrap();
+        let b = Var::from_tensor(&rand(&[6, 11, 37], 2)).unwrap();
+        let fused = scores(&a, &b).unwrap().unwrap();
+        let plain = a.matmul(&b.t().unwrap()).unwrap();
+        assert!(crate::model::max_abs_diff(&fused, &plain) < 1e-12);
+        let w = rand(&[6, 3, 11], 3);
+        let (gf, gp) = (
+            (&fused * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+            (&plain * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+        );
+        assert!(crate::model::max_abs_diff(gf.get(&a).unwrap(), gp.get(&a).unwrap()) < 1e-12);
+        assert!(crate::model::max_abs_diff(gf.get(&b).unwrap(), gp.get(&b).unwrap()) < 1e-12);
+
+        let p = Var::from_tensor(&rand(&[6, 3, 11], 4)).unwrap();
+        let fused = mix(&p, &b).unwrap().unwrap();
+        let plain = p.matmul(&b).unwrap();
+        assert!(crate::model::max_abs_diff(&fused, &plain) < 1e-12);
+        let w = rand(&[6, 3, 37], 5);
+        let (gf, gp) = (
+            (&fused * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+            (&plain * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+        );
+        assert!(crate::model::max_abs_diff(gf.get(&p).unwrap(), gp.get(&p).unwrap()) < 1e-12);
+        assert!(crate::model::max_abs_diff(gf.get(&b).unwrap(), gp.get(&b).unwrap()) < 1e-12);
+        // f32 too, and more than FEW_QUERIES rows is left to GEMM.
+        let a32 = rand(&[2, 2, 16], 6)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let b32 = rand(&[2, 5, 16], 7)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let d = (scores(&a32, &b32).unwrap().unwrap() - a32.matmul(&b32.t().unwrap()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+        assert!(scores(&rand(&[1, 9, 4], 8), &rand(&[1, 3, 4], 9))
+            .unwrap()
+            .is_none());
+    }
+}
