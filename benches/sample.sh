@@ -8,8 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=.bench/sample
 mkdir -p "$work"
-[ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2>/dev/null || {
-  python3 -m venv .venv && .venv/bin/pip install -q torch transformers; }
+# torch + transformers: .venv as the other benchmarks, or the serving venv the tests installed.
+venv=.venv
+serve=${FUSELAB_CACHE:-${HOME:-/tmp}/.cache/fuselab}/serve-venv
+if ! { [ -x $venv/bin/python ] && $venv/bin/python -c "import torch, transformers" 2>/dev/null; }; then
+  if [ -x "$serve/bin/python" ] && "$serve/bin/python" -c "import torch, transformers" 2>/dev/null; then
+    venv=$serve
+  else
+    python3 -m venv .venv && .venv/bin/pip install -q torch transformers
+  fi
+fi
 cargo build --release --benches --quiet
 bin_dir=${CARGO_TARGET_DIR:-target}/release
 bin=$(ls -t "$bin_dir"/deps/model-* | grep -v '\.d$' | head -1)
@@ -38,10 +46,10 @@ for r in $(seq "$runs"); do
     --out "$work/samples.parquet" --work-dir "$work/chunks" --n $n --max-new-tokens "$new" --ignore-eos \
     --temperature 0.8 --top-p 0.95 --seed "$r" --chunk-size 64 --slots ${SLOTS:-64} --json >"$work/f.json"
   python3 -c "import json; d=json.load(open('$work/f.json')); print(json.dumps({'tool':'fuselab','run':$r,'tokens_per_s':d['tokens_per_s'],'seconds':d['seconds'],'tokens':d['generated_tokens'],'rss_kib':int(open('$work/rss').read().split()[-1])}))" | tee -a "$out"
-  /usr/bin/time -f "%M" -o "$work/rss" .venv/bin/python benches/sample_torch.py "$ckpt" "$work/prompts.jsonl" $n "$new" ${TORCH_BATCH:-8} 2>/dev/null | tail -1 >"$work/t.json"
+  /usr/bin/time -f "%M" -o "$work/rss" "$venv/bin/python" benches/sample_torch.py "$ckpt" "$work/prompts.jsonl" $n "$new" ${TORCH_BATCH:-8} 2>/dev/null | tail -1 >"$work/t.json"
   python3 -c "import json; d=json.load(open('$work/t.json')); print(json.dumps({'tool':'transformers','run':$r,'tokens_per_s':d['tokens_per_s'],'seconds':d['seconds'],'tokens':d['generated_tokens'],'rss_kib':int(open('$work/rss').read().split()[-1])}))" | tee -a "$out"
 done
-.venv/bin/python - "$out" "$prompts" "$new" <<'PY'
+"$venv/bin/python" - "$out" "$prompts" "$new" <<'PY'
 import json, statistics, sys, platform
 import torch, transformers
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -100,6 +100,26 @@ pub enum Command {
     /// Render an experiment's comparison report from the store: reports/<experiment>.html (one
     /// self-contained page) and reports/<experiment>.json (the same numbers for scripts).
     Report(ReportArgs),
+    /// Write fusechat-tiny's seeded skill suite: every task with its reference and gold answer
+    /// (`tasks.jsonl`) and one prompt table per split (`<split>.prompts.jsonl`) for the data stage.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tasks per skill in each split.
+    #[arg(long, default_value_t = 200)]
+    pub train: usize,
+    #[arg(long, default_value_t = 60)]
+    pub sampling: usize,
+    #[arg(long, default_value_t = 40)]
+    pub eval: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -13,6 +13,7 @@ pub mod report;
 pub mod reward;
 pub mod sample;
 pub mod store;
+pub mod synth;
 pub mod train;
 pub mod util;
 

@@ -42,6 +42,7 @@ fn main() {
         Command::Eval(a) => commands::eval(store, a),
         Command::Compare(a) => commands::compare(store, a),
         Command::Report(a) => commands::report(store, a),
+        Command::Synth(a) => commands::synth(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -7,13 +7,22 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use fuselab::eval::bench::{self, Benchmark, Kind};
-use fuselab::eval::judge::{Backend, EndpointJudge, LocalJudge};
+use fuselab::eval::judge::{Backend, EndpointJudge, LocalJudge, RewardJudge};
 use fuselab::eval::score::{self, Answer, BenchResult, JudgeSetup};
 use fuselab::eval::stats;
 use fuselab::sample::openai::Endpoint;
 
 use super::{print_json, Status};
-use crate::cli::{CompareArgs, EvalArgs, ReportArgs};
+use crate::cli::{CompareArgs, EvalArgs, ReportArgs, SynthArgs};
+
+/// A checkpoint whose architecture is a sequence classifier or ArmoRM's reward model.
+fn is_reward_checkpoint(dir: &Path) -> bool {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["architectures"][0].as_str().map(str::to_string))
+        .is_some_and(|a| a.ends_with("ForSequenceClassification") || a.contains("RewardModel"))
+}
 
 fn is_url(p: &Path) -> Option<&str> {
     p.to_str()
@@ -242,10 +251,28 @@ pub fn eval(store: &Path, a: &EvalArgs) -> Status {
             let local;
             let local_judge;
             let server;
+            let reward;
+            let reward_judge;
             let backend: &dyn Backend = if let Some(url) = is_url(jpath) {
                 server =
                     EndpointJudge::new(endpoint(url, a.judge_model.clone(), a, "--judge-model")?);
                 &server
+            } else if is_reward_checkpoint(jpath) {
+                use fuselab::model::{parse_device, parse_dtype, Checkpoint};
+                let ck = Checkpoint::open(jpath)?;
+                let rm = fuselab::reward::RewardModel::load(
+                    &ck,
+                    &parse_device(&a.device.device)?,
+                    parse_dtype(&a.device.dtype)?,
+                )?;
+                let identity = fuselab::train::model_identity(&ck.dir)?;
+                reward = (rm, ck);
+                reward_judge = RewardJudge {
+                    model: &reward.0,
+                    checkpoint: &reward.1,
+                    identity,
+                };
+                &reward_judge
             } else {
                 use fuselab::model::{
                     load_weights, parse_device, parse_dtype, Checkpoint, Decoder,
@@ -469,6 +496,51 @@ pub fn report(store: &Path, a: &ReportArgs) -> Status {
             data.curves.len(),
             html.display(),
             json_path.display()
+        );
+    }
+    Ok(0)
+}
+
+pub fn synth(a: &SynthArgs) -> Status {
+    use fuselab::synth::{suite, Split, SuiteParams};
+    let p = SuiteParams {
+        seed: a.seed,
+        train_per_skill: a.train,
+        sampling_per_skill: a.sampling,
+        eval_per_skill: a.eval,
+    };
+    let tasks = suite(&p)?;
+    let mut lines = String::new();
+    for t in &tasks {
+        lines.push_str(&serde_json::to_string(t)?);
+        lines.push('\n');
+    }
+    let write = |rel: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let path = a.out.join(rel);
+        fuselab::fs::write_durable(&path, bytes)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    write("tasks.jsonl", lines.as_bytes())?;
+    let mut counts = serde_json::Map::new();
+    for split in Split::ALL {
+        let prompts: Vec<fuselab::data::Prompt> = tasks
+            .iter()
+            .filter(|t| t.split == split)
+            .map(|t| t.to_prompt())
+            .collect();
+        let path = a.out.join(format!("{}.prompts.jsonl", split.name()));
+        fuselab::data::write_records(&prompts, &path)?;
+        counts.insert(split.name().into(), json!(prompts.len()));
+    }
+    let summary = json!({"out": a.out, "tasks": tasks.len(), "splits": counts, "params": p});
+    if a.json {
+        print_json(&summary);
+    } else {
+        println!(
+            "{} tasks -> {} ({})",
+            tasks.len(),
+            a.out.display(),
+            serde_json::Value::Object(counts)
         );
     }
     Ok(0)

@@ -11,7 +11,7 @@ mod train;
 
 pub use annotate::annotate;
 pub use data::{construct, data, sample};
-pub use eval::{compare, eval, report};
+pub use eval::{compare, eval, report, synth};
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};

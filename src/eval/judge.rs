@@ -56,6 +56,44 @@ pub trait Backend: Sync {
     fn concurrency(&self) -> usize {
         1
     }
+    /// A reward model judges by scoring each (prompt, answer) conversation: its replies carry the
+    /// score as `logprobs["reward"]`, and the asks are the conversations themselves.
+    fn is_reward_model(&self) -> bool {
+        false
+    }
+}
+
+/// A reward model (`*ForSequenceClassification`, ArmoRM) as judge: the score of the whole
+/// chat-templated conversation, read where transformers reads it.
+pub struct RewardJudge<'a> {
+    pub model: &'a crate::reward::RewardModel,
+    pub checkpoint: &'a crate::model::Checkpoint,
+    pub identity: String,
+}
+
+impl Backend for RewardJudge<'_> {
+    fn identity(&self) -> Value {
+        json!({"backend": "reward-model", "architecture": self.model.architecture, "weights": self.identity})
+    }
+    fn is_reward_model(&self) -> bool {
+        true
+    }
+    fn ask(&self, a: &Ask) -> Result<Reply, String> {
+        let conv = serde_json::to_value(&a.messages).expect("messages serialise");
+        let s = self
+            .model
+            .score_conversations(self.checkpoint, &[conv], 1, &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        let score = s
+            .first()
+            .and_then(|r| r.first())
+            .copied()
+            .ok_or("the reward model gave no score")?;
+        Ok(Reply {
+            text: String::new(),
+            logprobs: [("reward".to_string(), score as f64)].into(),
+        })
+    }
 }
 
 /// A chat-completions endpoint (vLLM, SGLang, llama.cpp, TGI, OpenAI).

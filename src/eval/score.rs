@@ -324,6 +324,21 @@ pub fn score_judged(
         let it = items.get(a.item.as_str()).ok_or_else(|| unknown(a))?;
         let start = asks.len();
         match bench.kind {
+            Kind::Pairwise if j.backend.is_reward_model() => {
+                // The model's and the baseline's conversations, each scored by the reward model.
+                for ans in [first_turn(a), it.baseline.as_deref().unwrap_or("")] {
+                    let mut messages = it.messages(0, &[]);
+                    messages.push(crate::data::Message {
+                        role: "assistant".into(),
+                        content: ans.to_string(),
+                    });
+                    asks.push(Ask {
+                        messages,
+                        max_tokens: 0,
+                        logprob_tokens: vec![],
+                    });
+                }
+            }
             Kind::Pairwise => {
                 let p = judge::alpaca_prompt(
                     j.prompt_override
@@ -419,6 +434,30 @@ pub fn score_judged(
         let rs: Vec<&Result<Reply, String>> = replies[span].iter().collect();
         let failure = rs.iter().find_map(|r| r.as_ref().err().cloned());
         let (score, reason, extracted) = match bench.kind {
+            Kind::Pairwise if j.backend.is_reward_model() => {
+                let r = |k: usize| {
+                    rs[k]
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.logprobs.get("reward").copied())
+                };
+                match (r(0), r(1)) {
+                    // Bradley-Terry: P(model's answer preferred) = sigmoid(r_model - r_baseline).
+                    (Some(m), Some(b)) => (
+                        Some(super::logistic::sigmoid(m - b)),
+                        "reward model".to_string(),
+                        Some(format!("{m:.4} vs {b:.4}")),
+                    ),
+                    _ => (
+                        None,
+                        format!(
+                            "judge failed: {}",
+                            failure.clone().unwrap_or_else(|| "no score".into())
+                        ),
+                        None,
+                    ),
+                }
+            }
             Kind::Pairwise => match rs[0] {
                 Err(e) => (None, format!("judge failed: {e}"), None),
                 Ok(r) => {

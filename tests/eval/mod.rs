@@ -455,6 +455,71 @@ fn a_local_judge_lm_gives_logprob_preferences_and_an_lc_win_rate() {
     assert!(out.join("model_outputs.json").exists());
 }
 
+#[test]
+fn a_reward_model_judges_pairwise_by_bradley_terry_on_its_own_scores() {
+    let t = TestContext::new();
+    let rm = root().join("tests/fixtures/reward/llama");
+    let (bench, answers) = pairwise_bench(&t, 4);
+    let run = |out: &str| {
+        t.json(&[
+            "eval",
+            "--bench",
+            s(&bench),
+            "--answers",
+            s(&answers),
+            "--judge",
+            s(&rm),
+            "--out",
+            s(&t.project.join(out)),
+        ])
+    };
+    let r = run("rm1");
+    let res = &r["result"];
+    assert_eq!(res["judge"]["identity"]["backend"], "reward-model");
+    assert_eq!(
+        res["judge"]["stats"]["requests"], 8,
+        "two conversations per item"
+    );
+    // The same conversations scored by `annotate reward`: P(model) = sigmoid(r_model - r_base).
+    let b: Value = serde_json::from_slice(&fs::read(&bench).unwrap()).unwrap();
+    let a = read_jsonl(&answers);
+    let mut convs = Vec::new();
+    for (i, it) in b["items"].as_array().unwrap().iter().enumerate() {
+        let q = it["instruction"].as_str().unwrap();
+        for (tag, text) in [
+            ("m", a[i]["output"].as_str().unwrap()),
+            ("b", it["baseline"].as_str().unwrap()),
+        ] {
+            convs.push(json!({"id": format!("{i}{tag}"), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": text}]}));
+        }
+    }
+    let cf = t.project.join("convs.jsonl");
+    write_jsonl(&cf, &convs);
+    let scores = t.json(&["annotate", "reward", "--model", s(&rm), "--samples", s(&cf)]);
+    let sc: Vec<f64> = scores
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["score"].as_f64().unwrap())
+        .collect();
+    for (i, v) in res["verdicts"].as_array().unwrap().iter().enumerate() {
+        let want = 1.0 / (1.0 + (-(sc[2 * i] - sc[2 * i + 1])).exp());
+        assert!(
+            (v["score"].as_f64().unwrap() - want).abs() < 1e-6,
+            "{v} vs {want}"
+        );
+        assert_eq!(v["reason"], "reward model");
+    }
+    let again = run("rm2");
+    assert_eq!(
+        (
+            again["result"]["judge"]["stats"]["requests"].as_u64(),
+            again["result"]["judge"]["stats"]["cache_hits"].as_u64()
+        ),
+        (Some(0), Some(8))
+    );
+}
+
 /// Decode an 8-bit RGB/RGBA PNG (what Chromium writes) into pixels.
 fn png_pixels(bytes: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
