@@ -9,16 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=.bench/eval
 mkdir -p "$work"
-# torch + transformers: .venv as the other benchmarks, or the serving venv the tests installed.
-venv=.venv
-serve=${FUSELAB_CACHE:-${HOME:-/tmp}/.cache/fuselab}/serve-venv
-if ! { [ -x $venv/bin/python ] && $venv/bin/python -c "import torch, transformers" 2>/dev/null; }; then
-  if [ -x "$serve/bin/python" ] && "$serve/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    venv=$serve
-  else
-    python3 -m venv .venv && .venv/bin/pip install -q torch transformers
-  fi
-fi
+source benches/torch-venv.sh
 cargo build --release --benches --quiet
 bin_dir=${CARGO_TARGET_DIR:-target}/release
 bin=$(ls -t "$bin_dir"/deps/model-* | grep -v '\.d$' | head -1)

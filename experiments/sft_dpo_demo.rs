@@ -338,18 +338,8 @@ fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {
             .unwrap_or("")
             .to_string();
         items.push(Item {
-            id: format!("count-{i}"),
-            category: "counting".into(),
-            turns: vec![q],
-            system: None,
             gold: a.split_whitespace().last().map(str::to_string),
-            choices: vec![],
-            code_prompt: None,
-            tests: None,
-            entry_point: None,
-            baseline: None,
-            difficulty: None,
-            reference: vec![],
+            ..Item::new(format!("count-{i}"), "counting", q)
         });
     }
     let bench = Benchmark {

@@ -514,6 +514,28 @@ pub fn mt_bench(dir: &Path) -> Result<Benchmark, EvalError> {
 }
 
 impl Item {
+    /// A one-turn item with nothing else set.
+    pub fn new(
+        id: impl Into<String>,
+        category: impl Into<String>,
+        prompt: impl Into<String>,
+    ) -> Item {
+        Item {
+            id: id.into(),
+            category: category.into(),
+            turns: vec![prompt.into()],
+            system: None,
+            gold: None,
+            choices: vec![],
+            code_prompt: None,
+            tests: None,
+            entry_point: None,
+            baseline: None,
+            difficulty: None,
+            reference: vec![],
+        }
+    }
+
     /// The conversation that asks turn `turn` (0-based), given the model's earlier answers.
     pub fn messages(&self, turn: usize, earlier: &[String]) -> Vec<Message> {
         let mut m = Vec::new();

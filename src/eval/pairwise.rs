@@ -327,7 +327,7 @@ pub fn arena_scores(
     let mut boots: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); models.len()];
     for _ in 0..rounds {
         let sample: Vec<Battle> = (0..all.len())
-            .map(|_| all[super::stats::index(&mut rng, all.len())].clone())
+            .map(|_| all[rng.below(all.len())].clone())
             .collect();
         for (m, e) in bt_elo(&sample, models.len()).into_iter().enumerate() {
             boots[m].push(e);

@@ -317,6 +317,23 @@ pub fn score_judged(
     let items = by_id(bench);
     let data = super::bench::shared_data();
     let mut asks: Vec<Ask> = Vec::new();
+    // The judge prompts, read once for the whole benchmark.
+    let pair_prompt = match bench.kind {
+        Kind::Pairwise if !j.backend.is_reward_model() => Some(judge::alpaca_prompt(
+            j.prompt_override
+                .unwrap_or(&data.join("alpaca_eval/alpaca_eval_clf.txt")),
+        )?),
+        Kind::Arena => Some(match j.prompt_override {
+            Some(path) => judge::alpaca_prompt(path)?,
+            None => judge::arena_prompt(),
+        }),
+        _ => None,
+    };
+    let mt_prompts = if bench.kind == Kind::MtBench {
+        judge::mt_bench_prompts(&data.join("mt_bench/judge_prompts.jsonl"))?
+    } else {
+        BTreeMap::new()
+    };
     let mut prompts = BTreeMap::new();
     // For each answer: the range of its asks and the per-ask layout.
     let mut spans = Vec::with_capacity(answers.len());
@@ -340,10 +357,7 @@ pub fn score_judged(
                 }
             }
             Kind::Pairwise => {
-                let p = judge::alpaca_prompt(
-                    j.prompt_override
-                        .unwrap_or(&data.join("alpaca_eval/alpaca_eval_clf.txt")),
-                )?;
+                let p = pair_prompt.as_ref().expect("read above for pairwise");
                 prompts.insert(p.name.clone(), p.digest.clone());
                 let base = it.baseline.as_deref().unwrap_or("");
                 let (o1, o2) = if judge::swapped(j.seed, &it.id) {
@@ -362,10 +376,7 @@ pub fn score_judged(
                 });
             }
             Kind::Arena => {
-                let p = match j.prompt_override {
-                    Some(path) => judge::alpaca_prompt(path)?,
-                    None => judge::arena_prompt(),
-                };
+                let p = pair_prompt.as_ref().expect("read above for arena");
                 prompts.insert(p.name.clone(), p.digest.clone());
                 let base = it.baseline.as_deref().unwrap_or("");
                 for (x, y) in [(base, first_turn(a)), (first_turn(a), base)] {
@@ -381,7 +392,6 @@ pub fn score_judged(
                 }
             }
             Kind::MtBench => {
-                let all = judge::mt_bench_prompts(&data.join("mt_bench/judge_prompts.jsonl"))?;
                 let refd = !it.reference.is_empty();
                 for t in 0..it.turns.len() {
                     let name = match (t, refd) {
@@ -390,7 +400,7 @@ pub fn score_judged(
                         (_, false) => "single-v1-multi-turn",
                         (_, true) => "single-math-v1-multi-turn",
                     };
-                    let p = &all[name];
+                    let p = &mt_prompts[name];
                     prompts.insert(p.name.clone(), p.digest.clone());
                     let ans = |k: usize| a.turns.get(k).map(String::as_str).unwrap_or("");
                     let refs = |k: usize| it.reference.get(k).map(String::as_str).unwrap_or("");

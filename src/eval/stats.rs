@@ -48,12 +48,6 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-/// A uniform index below `n` (multiply-shift on 32 random bits: unbiased enough for n far below
-/// 2^32, and reproducible).
-pub(crate) fn index(rng: &mut Rng, n: usize) -> usize {
-    (((rng.next_u64() >> 32) * n as u64) >> 32) as usize
-}
-
 fn percentile_interval(value: f64, mut stats: Vec<f64>) -> Interval {
     stats.sort_by(f64::total_cmp);
     Interval {
@@ -75,12 +69,7 @@ pub fn bootstrap_mean(xs: &[f64], rounds: usize, seed: u64) -> Interval {
     }
     let mut rng = Rng::new(seed, 0x6f6f_7473);
     let stats = (0..rounds)
-        .map(|_| {
-            (0..xs.len())
-                .map(|_| xs[index(&mut rng, xs.len())])
-                .sum::<f64>()
-                / xs.len() as f64
-        })
+        .map(|_| (0..xs.len()).map(|_| xs[rng.below(xs.len())]).sum::<f64>() / xs.len() as f64)
         .collect();
     percentile_interval(value, stats)
 }
@@ -133,12 +122,7 @@ pub fn paired(a: &[f64], b: &[f64], rounds: usize, seed: u64) -> Paired {
     } else {
         let mut rng = Rng::new(seed, 0x7061_6972);
         let stats: Vec<f64> = (0..rounds)
-            .map(|_| {
-                (0..d.len())
-                    .map(|_| d[index(&mut rng, d.len())])
-                    .sum::<f64>()
-                    / d.len() as f64
-            })
+            .map(|_| (0..d.len()).map(|_| d[rng.below(d.len())]).sum::<f64>() / d.len() as f64)
             .collect();
         let below = stats.iter().filter(|&&s| s <= 0.0).count();
         let above = stats.iter().filter(|&&s| s >= 0.0).count();

@@ -163,18 +163,8 @@ fn bench(kind: Kind, items: Vec<Item>) -> Benchmark {
 
 fn item(id: &str, gold: &str, category: &str) -> Item {
     Item {
-        id: id.into(),
-        category: category.into(),
-        turns: vec![format!("question {id}")],
-        system: None,
         gold: Some(gold.into()),
-        choices: vec![],
-        code_prompt: None,
-        tests: None,
-        entry_point: None,
-        baseline: None,
-        difficulty: None,
-        reference: vec![],
+        ..Item::new(id, category, format!("question {id}"))
     }
 }
 

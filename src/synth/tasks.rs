@@ -80,12 +80,8 @@ const ITEMS: [&str; 8] = [
     "apples", "marbles", "stickers", "coins", "books", "pencils", "shells", "cards",
 ];
 
-fn below(rng: &mut Rng, n: usize) -> usize {
-    (((rng.next_u64() >> 32) * n as u64) >> 32) as usize
-}
-
 fn pick<'a>(rng: &mut Rng, from: &[&'a str]) -> &'a str {
-    from[below(rng, from.len())]
+    from[rng.below(from.len())]
 }
 
 /// `k` distinct words.
@@ -171,7 +167,7 @@ fn comma_list(rng: &mut Rng, _: Split, d: u8) -> Task {
 }
 
 fn count_words(rng: &mut Rng, _: Split, d: u8) -> Task {
-    let k = 2 + below(rng, 3 + 2 * d as usize);
+    let k = 2 + rng.below(3 + 2 * d as usize);
     let w: Vec<&str> = (0..k).map(|_| pick(rng, &WORDS)).collect();
     let g = k.to_string();
     task(
@@ -187,27 +183,27 @@ fn count_words(rng: &mut Rng, _: Split, d: u8) -> Task {
 fn word_problem(rng: &mut Rng, _: Split, d: u8) -> Task {
     let name = pick(rng, &NAMES);
     let item = pick(rng, &ITEMS);
-    let a = 2 + below(rng, 20) as i64;
-    let b = 2 + below(rng, 20) as i64;
+    let a = 2 + rng.below(20) as i64;
+    let b = 2 + rng.below(20) as i64;
     let (mut prompt, mut steps, mut value) = (
         format!("{name} has {a} {item} and finds {b} more."),
         vec![format!("{a} + {b} = {}", a + b)],
         a + b,
     );
     if d >= 2 {
-        let c = 1 + below(rng, value as usize - 1) as i64;
+        let c = 1 + rng.below(value as usize - 1) as i64;
         prompt.push_str(&format!(" Then {name} gives away {c}."));
         steps.push(format!("{value} - {c} = {}", value - c));
         value -= c;
     }
     if d >= 3 {
-        let m = 2 + below(rng, 3) as i64;
+        let m = 2 + rng.below(3) as i64;
         prompt.push_str(&format!(" Then the pile grows {m} times bigger."));
         steps.push(format!("{value} * {m} = {}", value * m));
         value *= m;
     }
     prompt.push_str(&format!(" How many {item} does {name} have now?"));
-    let boxed = below(rng, 2) == 1;
+    let boxed = rng.below(2) == 1;
     let last = if boxed {
         format!("The answer is \\boxed{{{value}}}.")
     } else {
@@ -219,11 +215,11 @@ fn word_problem(rng: &mut Rng, _: Split, d: u8) -> Task {
 
 /// A small Python function with a constant in its name and contract, HumanEval layout.
 fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
-    let k = 2 + below(rng, 40) as i64;
+    let k = 2 + rng.below(40) as i64;
     let (name, sig, doc, body, cases): (String, &str, String, String, Vec<(String, String)>) =
-        match (d, below(rng, 2)) {
+        match (d, rng.below(2)) {
             (1, 0) => {
-                let xs: Vec<i64> = (0..3).map(|_| below(rng, 50) as i64).collect();
+                let xs: Vec<i64> = (0..3).map(|_| rng.below(50) as i64).collect();
                 let name = format!("add_{k}");
                 let expect = format!("{}", xs[0] + k);
                 (
@@ -239,7 +235,7 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
             }
             (1, _) => {
                 let name = format!("times_{k}");
-                let x = below(rng, 30) as i64;
+                let x = rng.below(30) as i64;
                 (
                     name,
                     "x",
@@ -253,7 +249,7 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
             }
             (2, 0) => {
                 let name = format!("add_{k}_to_all");
-                let xs: Vec<i64> = (0..3).map(|_| below(rng, 50) as i64).collect();
+                let xs: Vec<i64> = (0..3).map(|_| rng.below(50) as i64).collect();
                 let ys: Vec<i64> = xs.iter().map(|x| x + k).collect();
                 (
                     name,
@@ -268,7 +264,7 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
             }
             (2, _) => {
                 let name = format!("count_above_{k}");
-                let xs: Vec<i64> = (0..5).map(|_| below(rng, 80) as i64).collect();
+                let xs: Vec<i64> = (0..5).map(|_| rng.below(80) as i64).collect();
                 let n = xs.iter().filter(|&&x| x > k).count();
                 (
                     name,
@@ -283,7 +279,7 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
             }
             (_, 0) => {
                 let name = format!("sum_above_{k}");
-                let xs: Vec<i64> = (0..6).map(|_| below(rng, 80) as i64).collect();
+                let xs: Vec<i64> = (0..6).map(|_| rng.below(80) as i64).collect();
                 let s: i64 = xs.iter().filter(|&&x| x > k).sum();
                 (
                     name,
@@ -298,7 +294,7 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
             }
             (_, _) => {
                 let name = format!("clip_to_{k}");
-                let xs: Vec<i64> = (0..5).map(|_| below(rng, 80) as i64).collect();
+                let xs: Vec<i64> = (0..5).map(|_| rng.below(80) as i64).collect();
                 let ys: Vec<i64> = xs.iter().map(|&x| x.min(k)).collect();
                 (
                     name,
@@ -346,8 +342,8 @@ fn zh_reverse(rng: &mut Rng, _: Split, d: u8) -> Task {
 
 fn zh_add(rng: &mut Rng, _: Split, d: u8) -> Task {
     let scale = 10usize.pow(d as u32);
-    let a = 1 + below(rng, scale) as i64;
-    let b = 1 + below(rng, scale) as i64;
+    let a = 1 + rng.below(scale) as i64;
+    let b = 1 + rng.below(scale) as i64;
     let g = (a + b).to_string();
     task(
         format!("计算：{a} 加 {b} 等于多少？"),
