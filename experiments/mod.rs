@@ -1,5 +1,8 @@
 //! The experiment registry: every experiment `fuselab run <name>` knows.
 
+pub mod fusechat;
+pub mod fusechat_micro;
+pub mod fusechat_tiny;
 pub mod hello;
 pub mod sft_dpo_demo;
 
@@ -7,5 +10,10 @@ use crate::recipe::ExperimentDef;
 
 /// All experiments, in the order `fuselab list` shows them.
 pub fn registry() -> Vec<ExperimentDef> {
-    vec![hello::define(), sft_dpo_demo::define()]
+    vec![
+        fusechat_tiny::define(),
+        fusechat_micro::define(),
+        hello::define(),
+        sft_dpo_demo::define(),
+    ]
 }

@@ -233,7 +233,7 @@ pub fn eval(store: &Path, a: &EvalArgs) -> Status {
         None => generate(&bench, a, store, &name, &out)?,
     };
     let (verdicts, judge, games) = match bench.kind {
-        Kind::Exact | Kind::Math | Kind::Choice => {
+        Kind::Exact | Kind::FinalLine | Kind::Math | Kind::Choice => {
             (score::score_text(&bench, &answers)?, None, vec![])
         }
         Kind::Code => {

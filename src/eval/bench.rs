@@ -22,6 +22,9 @@ pub enum Kind {
     /// The final answer (after `####`, "the answer is", `\boxed{}`, else the last number) equals the
     /// gold one: numerically when both are numbers, else as trimmed case-folded text (GSM8K style).
     Exact,
+    /// The answer's last non-empty line, trimmed, equals the gold text exactly: rule-checked text
+    /// transformations (reverse, sort, case, format) where the whole result is the answer.
+    FinalLine,
     /// The final answer is mathematically equivalent to the gold one (MATH / AMC style).
     Math,
     /// The answer's code passes the item's tests in the sandbox (HumanEval / MBPP); pass@1 and pass@k.
@@ -40,6 +43,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Exact => "exact",
+            Kind::FinalLine => "final-line",
             Kind::Math => "math",
             Kind::Code => "code",
             Kind::Choice => "choice",
@@ -365,7 +369,7 @@ fn item(path: &Path, line: usize, v: &Value, kind: Kind) -> Result<Item, EvalErr
         }
     };
     match kind {
-        Kind::Exact | Kind::Math => need(it.gold.is_some(), "`answer`")?,
+        Kind::Exact | Kind::FinalLine | Kind::Math => need(it.gold.is_some(), "`answer`")?,
         Kind::Choice => {
             it.choices = match v.get("choices").or_else(|| v.get("options")) {
                 Some(Value::Array(a)) => a

@@ -154,7 +154,7 @@ fn unknown(a: &Answer) -> EvalError {
     ))
 }
 
-/// Exact, math and choice verdicts (pure).
+/// Exact, final-line, math and choice verdicts (pure).
 pub fn score_text(bench: &Benchmark, answers: &[Answer]) -> Result<Vec<Verdict>, EvalError> {
     let items = by_id(bench);
     answers
@@ -180,6 +180,15 @@ pub fn score_text(bench: &Benchmark, answers: &[Answer]) -> Result<Vec<Verdict>,
                         )
                     }
                 },
+                Kind::FinalLine => {
+                    let line = crate::synth::final_line(text);
+                    let ok = !line.is_empty() && line == gold.trim();
+                    (
+                        ok,
+                        if ok { "equal" } else { "different" }.to_string(),
+                        Some(line.to_string()),
+                    )
+                }
                 Kind::Choice => match extract_letter(text, it.choices.len()) {
                     None => (false, "no letter found".to_string(), None),
                     Some(c) => {

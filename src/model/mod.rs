@@ -4,10 +4,12 @@
 
 pub mod attend;
 mod backward;
+pub mod bpe;
 pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod fused;
+pub mod init;
 mod io;
 mod kv;
 

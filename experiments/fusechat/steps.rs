@@ -1,0 +1,743 @@
+//! The bodies of the recipe's steps: each reads its inputs' files, calls the library, and writes
+//! its outputs (models as Hugging Face checkpoint directories, tables as Parquet).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::data;
+use super::{DpoStage, EvalStage, ModelSpec, RewardParams, SamplingStage, TokenizerParams};
+use crate::annotate::samples::annotate_samples;
+use crate::annotate::CodeOptions;
+use crate::construct::{construct_records, write_outputs, ConstructParams, EvalText};
+use crate::data::{read_records, write_records, Annotation, Category, Prompt, Sample};
+use crate::generate::{Rng, SamplingParams};
+use crate::model::bpe::{train_bpe, write_tokenizer_dir, Specials};
+use crate::model::init::create_checkpoint;
+use crate::model::{load_weights, parse_device, Checkpoint, Decoder, Family};
+use crate::recipe::{BoxError, StepCtx};
+use crate::reward::{RewardModel, RewardObjective};
+use crate::synth::{suite as make_suite, Split, SuiteParams, Task};
+use crate::train::{
+    train, DpoObjective, Hooks, Objective, RunPaths, SftObjective, TrainConfig, TrainSummary,
+};
+
+type R = Result<(), BoxError>;
+
+fn field<T: serde::de::DeserializeOwned>(ctx: &StepCtx, key: &str) -> Result<T, BoxError> {
+    let v: Value = ctx.params()?;
+    serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
+        .map_err(|e| format!("step `{}`: parameter `{key}`: {e}", ctx.step()).into())
+}
+
+fn read_tasks(suite: &Path) -> Result<Vec<Task>, BoxError> {
+    let p = suite.join("tasks.jsonl");
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", p.display(), i + 1).into())
+        })
+        .collect()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) -> R {
+    let mut body = String::new();
+    for r in rows {
+        body.push_str(&r.to_string());
+        body.push('\n');
+    }
+    std::fs::write(path, body).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+fn family(name: &str) -> Result<Family, BoxError> {
+    Ok(match name {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        "mistral" => Family::Mistral,
+        "gemma2" => Family::Gemma2,
+        other => {
+            return Err(
+                format!("unknown family `{other}` (llama, qwen2, mistral or gemma2)").into(),
+            )
+        }
+    })
+}
+
+fn decoder(dir: &Path, device: &str) -> Result<Decoder, BoxError> {
+    let ck = Checkpoint::open(dir)?;
+    let w = load_weights(
+        dir,
+        &ck.config,
+        &parse_device(device)?,
+        candle_core::DType::F32,
+    )?;
+    Ok(Decoder::new(ck.config.clone(), w)?)
+}
+
+/// Copy a trained model (a checkpoint directory) into the step's outputs, and the training curve
+/// without its timings, so the outputs are a function of the inputs alone.
+fn publish(ctx: &StepCtx, model: &Path, metrics: Option<&Path>) -> R {
+    for e in std::fs::read_dir(model)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
+        }
+    }
+    if let Some(m) = metrics {
+        let mut lines = Vec::new();
+        for l in std::fs::read_to_string(m)?.lines() {
+            let mut v: Value = serde_json::from_str(l)?;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("tokens_per_s");
+                o.remove("elapsed_s");
+            }
+            lines.push(v.to_string());
+        }
+        std::fs::write(ctx.out("metrics.jsonl")?, lines.join("\n") + "\n")?;
+    }
+    Ok(())
+}
+
+fn quiet() -> Hooks {
+    Hooks {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+fn record(ctx: &mut StepCtx, s: &TrainSummary) {
+    ctx.metric("final_loss", s.final_loss);
+    ctx.metric("steps", s.steps as f64);
+    ctx.metric("skipped_rows", s.skipped_rows as f64);
+}
+
+/// The sampling split's prompts, as the data stage reads them.
+fn sampling_prompts(tasks: &[Task]) -> Vec<Prompt> {
+    tasks
+        .iter()
+        .filter(|t| t.split == Split::Sampling)
+        .map(Task::to_prompt)
+        .collect()
+}
+
+fn code_options(jobs: usize) -> Result<CodeOptions, BoxError> {
+    Ok(CodeOptions {
+        jobs: jobs.max(1),
+        limits: Default::default(),
+        python: crate::annotate::sandbox::Python::default_choice()?,
+        isolation: None,
+    })
+}
+
+pub fn suite(ctx: &mut StepCtx) -> R {
+    let p: SuiteParams = ctx.params()?;
+    let tasks = make_suite(&p)?;
+    let rows: Vec<Value> = tasks
+        .iter()
+        .map(|t| serde_json::to_value(t).expect("serialises"))
+        .collect();
+    write_jsonl(&ctx.out("tasks.jsonl")?, &rows)?;
+    let prompts = sampling_prompts(&tasks);
+    write_records(&prompts, &ctx.out("sampling_prompts.parquet")?)?;
+    for s in Split::ALL {
+        let n = tasks.iter().filter(|t| t.split == s).count();
+        ctx.metric(&format!("tasks/{}", s.name()), n as f64);
+    }
+    Ok(())
+}
+
+pub fn tokenizer(ctx: &mut StepCtx) -> R {
+    let p: TokenizerParams = field(ctx, "tokenizer")?;
+    let context: usize = field(ctx, "context")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let template_path = ctx.input("chat-template")?.to_path_buf();
+    let template = std::fs::read_to_string(&template_path)
+        .map_err(|e| format!("{}: {e}", template_path.display()))?;
+    let corpus = data::tokenizer_corpus(&tasks, &super::TEMPLATE_WORDS);
+    let specials = Specials {
+        pad: "<|endoftext|>".into(),
+        eos: "<|im_end|>".into(),
+        others: vec!["<|im_start|>".into()],
+        bos: None,
+    };
+    let tok = train_bpe(
+        &corpus,
+        p.vocab_size,
+        p.min_frequency,
+        &specials,
+        &ctx.input("suite")?.join("tasks.jsonl"),
+    )?;
+    let ids = write_tokenizer_dir(ctx.out_dir(), &tok, &specials, &template, context)?;
+    std::fs::write(
+        ctx.out("special_ids.json")?,
+        serde_json::to_vec_pretty(&ids)?,
+    )?;
+    ctx.metric("vocab_size", tok.get_vocab_size(true) as f64);
+    // How well the vocabulary fits the suite: tokens per train reference.
+    let (mut n, mut toks) = (0usize, 0usize);
+    for t in tasks.iter().filter(|t| t.split == Split::Train) {
+        toks += tok
+            .encode(t.reference.as_str(), false)
+            .map_err(|e| format!("tokenising: {e}"))?
+            .len();
+        n += 1;
+    }
+    ctx.metric("tokens_per_reference", toks as f64 / n.max(1) as f64);
+    Ok(())
+}
+
+/// A model from nothing: initialised at its family and shape on the shared tokenizer, then trained
+/// (SFT on the references) on its mix of the train split.
+pub fn pretrain(ctx: &mut StepCtx) -> R {
+    let m: ModelSpec = field(ctx, "model")?;
+    let device: String = field(ctx, "device")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let tok_dir = ctx.input("tokenizer")?.to_path_buf();
+    let ids = serde_json::from_slice(&std::fs::read(tok_dir.join("special_ids.json"))?)?;
+    let work = ctx.work_dir()?.to_path_buf();
+    let init = work.join("init");
+    if Checkpoint::open(&init).is_err() {
+        create_checkpoint(
+            &init,
+            family(&m.family)?,
+            &m.shape,
+            &tok_dir,
+            ids,
+            m.init_seed,
+        )?;
+    }
+    let rows: Vec<Value> = data::mix(&tasks, &m.mix)
+        .into_iter()
+        .map(data::sft_row)
+        .collect();
+    if rows.is_empty() {
+        return Err(format!("model `{}`: its mix selects no train task", m.name).into());
+    }
+    let train_file = work.join("train.jsonl");
+    write_jsonl(&train_file, &rows)?;
+    let ck = Checkpoint::open(&init)?;
+    let obj = SftObjective::load(
+        &train_file,
+        ck.template()?,
+        ck.tokenizer()?,
+        m.train.max_len,
+        &Value::Null,
+    )?;
+    let run = work.join("run");
+    let s = train(
+        &init,
+        &obj,
+        None,
+        &m.train,
+        &RunPaths { out: run.clone() },
+        &parse_device(&device)?,
+        &quiet(),
+    )?;
+    record(ctx, &s);
+    ctx.metric("train_rows", rows.len() as f64);
+    ctx.metric(
+        "parameters",
+        crate::model::ModelConfig::parameter_count(&ck.config) as f64,
+    );
+    publish(ctx, &s.model, Some(&run.join("metrics.jsonl")))
+}
+
+/// The reward model: a sequence classifier on the target base, trained (Bradley-Terry) on pairs of
+/// a train task's reference against corrupted answers that the suite's verifiers reject (math by
+/// the math verifier, code in the sandbox, text tasks by their rules).
+pub fn reward_model(ctx: &mut StepCtx) -> R {
+    let p: RewardParams = field(ctx, "reward")?;
+    let device: String = field(ctx, "device")?;
+    let base_name: String = field(ctx, "base")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let base = ctx.input(&base_name)?.to_path_buf();
+    let mut rng = Rng::new(p.seed, 0);
+    // Candidates first; code candidates are verified together in the sandbox.
+    let mut candidates: Vec<(&Task, String)> = Vec::new();
+    for t in tasks.iter().filter(|t| t.split == Split::Train) {
+        for _ in 0..p.pairs_per_task {
+            if let Some(bad) = data::corrupt(t, &mut rng) {
+                candidates.push((t, bad));
+            }
+        }
+    }
+    let code: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].0.category == Category::Code)
+        .collect();
+    let mut wrong = vec![false; candidates.len()];
+    for (i, (t, bad)) in candidates.iter().enumerate() {
+        if t.category != Category::Code {
+            wrong[i] = t.check(bad) == Some(false);
+        }
+    }
+    if !code.is_empty() {
+        let prompts: Vec<Prompt> = code
+            .iter()
+            .map(|&i| {
+                let p = candidates[i].0.to_prompt();
+                (p.id.clone(), p)
+            })
+            .collect::<BTreeMap<String, Prompt>>()
+            .into_values()
+            .collect();
+        let samples: Vec<Sample> = code
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| Sample {
+                prompt_id: candidates[i].0.id.clone(),
+                source: "corruption".into(),
+                sample_index: j as u32,
+                seed: 0,
+                text: candidates[i].1.clone(),
+                tokens: 0,
+                finish: "imported".into(),
+            })
+            .collect();
+        let jobs: usize = field(ctx, "jobs")?;
+        let ann = annotate_samples(
+            &prompts,
+            &samples,
+            None,
+            &code_options(jobs)?,
+            &|_, _, _| {},
+        )?;
+        for (a, &i) in ann.iter().zip(&code) {
+            wrong[i] = a.correct == Some(false);
+        }
+    }
+    let (mut train_rows, mut eval_rows) = (Vec::new(), Vec::new());
+    for (i, (t, bad)) in candidates.iter().enumerate() {
+        if !wrong[i] {
+            continue;
+        }
+        let row = data::rm_pair(t, &t.reference, bad);
+        if held_out(&t.id, p.seed, p.eval_fraction) {
+            eval_rows.push(row);
+        } else {
+            train_rows.push(row);
+        }
+    }
+    ctx.metric("pairs/train", train_rows.len() as f64);
+    ctx.metric("pairs/eval", eval_rows.len() as f64);
+    write_jsonl(&ctx.out("pairs_train.jsonl")?, &train_rows)?;
+    write_jsonl(&ctx.out("pairs_eval.jsonl")?, &eval_rows)?;
+    let ck = Checkpoint::open(&base)?;
+    let pad = ck
+        .config
+        .raw
+        .get("pad_token_id")
+        .and_then(Value::as_u64)
+        .map(|x| x as u32);
+    let obj = RewardObjective::load(
+        &ctx.out_dir().join("pairs_train.jsonl"),
+        ck.template()?,
+        ck.tokenizer()?,
+        p.train.max_len,
+        pad,
+        None,
+    )?;
+    let work = ctx.work_dir()?.to_path_buf();
+    let s = train(
+        &base,
+        &obj,
+        None,
+        &p.train,
+        &RunPaths { out: work.clone() },
+        &parse_device(&device)?,
+        &quiet(),
+    )?;
+    record(ctx, &s);
+    // Pair accuracy on held-out tasks' pairs, per category.
+    let rm_ck = Checkpoint::open(&s.model)?;
+    let rm = RewardModel::load(&rm_ck, &parse_device(&device)?, candle_core::DType::F32)?;
+    let mut convs = Vec::new();
+    for r in &eval_rows {
+        for side in ["chosen", "rejected"] {
+            let mut c = r["prompt"].as_array().cloned().unwrap_or_default();
+            c.extend(r[side].as_array().cloned().unwrap_or_default());
+            convs.push(Value::Array(c));
+        }
+    }
+    let scores = rm.score_conversations(&rm_ck, &convs, 32, &mut |_| {})?;
+    let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (k, r) in eval_rows.iter().enumerate() {
+        let win = scores[2 * k][0] > scores[2 * k + 1][0];
+        for c in [r["category"].as_str().unwrap_or("?"), "all"] {
+            let e = by_cat.entry(c.to_string()).or_default();
+            e.0 += win as usize;
+            e.1 += 1;
+        }
+    }
+    for (c, (w, n)) in by_cat {
+        ctx.metric(&format!("eval_accuracy/{c}"), w as f64 / n.max(1) as f64);
+    }
+    publish(ctx, &s.model, Some(&work.join("metrics.jsonl")))
+}
+
+/// Whether a record belongs to the held-out share (a function of its id and the seed).
+fn held_out(id: &str, seed: u64, fraction: f64) -> bool {
+    let h = blake3::hash(format!("{seed}/{id}").as_bytes());
+    let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+    (x as f64 / u64::MAX as f64) < fraction
+}
+
+/// One source answers the sampling prompts, N times per prompt by category, in resumable chunks.
+pub fn sample(ctx: &mut StepCtx) -> R {
+    let name: String = field(ctx, "source")?;
+    let sampling: Option<SamplingParams> = field(ctx, "sampling")?;
+    let per_cat: BTreeMap<Category, u32> = field(ctx, "samples_per_category")?;
+    let stage: SamplingStage = field(ctx, "stage")?;
+    let device: String = field(ctx, "device")?;
+    let mut sampling = sampling.ok_or_else(|| format!("source `{name}` has no `sampling`"))?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let prompts = sampling_prompts(&tasks);
+    let dir = ctx.input(&name)?.to_path_buf();
+    let ck = Checkpoint::open(&dir)?;
+    sampling.stop_token_ids = ck.stop_token_ids();
+    let model = decoder(&dir, &device)?;
+    let m = crate::sample::job::Model {
+        decoder: &model,
+        tokenizer: ck.tokenizer()?,
+        template: ck.template()?,
+        identity: crate::train::model_identity(&dir)?,
+    };
+    let spec = crate::sample::job::SourceSpec {
+        name: name.clone(),
+        sampling,
+        samples_per_category: per_cat,
+    };
+    let total: u64 = prompts.iter().map(|p| spec.n_for(p.category) as u64).sum();
+    let bar = ctx.progress(total, "samples");
+    let work = ctx.work_dir()?.to_path_buf();
+    let (samples, stats) = crate::sample::job::run(
+        &m,
+        &prompts,
+        &spec,
+        &crate::sample::job::JobOptions {
+            chunk_size: stage.chunk_size,
+            slots: stage.slots,
+        },
+        1,
+        &work,
+        &|n, _| bar.set_position(n),
+    )?;
+    bar.finish_and_clear();
+    write_records(&samples, &ctx.out("samples.parquet")?)?;
+    ctx.metric("samples", stats.samples as f64);
+    ctx.metric("generated_tokens", stats.generated_tokens as f64);
+    ctx.metric("prefill_tokens", stats.prefill_tokens as f64);
+    Ok(())
+}
+
+fn all_samples(ctx: &StepCtx) -> Result<Vec<Sample>, BoxError> {
+    let names: Vec<String> = field(ctx, "samples")?;
+    let mut out = Vec::new();
+    for n in names {
+        out.extend(read_records::<Sample>(
+            &ctx.input(&n)?.join("samples.parquet"),
+        )?);
+    }
+    Ok(out)
+}
+
+/// Reward-model scores of every sample, and math / code verdicts.
+pub fn annotate(ctx: &mut StepCtx) -> R {
+    let device: String = field(ctx, "device")?;
+    let jobs: usize = field(ctx, "jobs")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let prompts = sampling_prompts(&tasks);
+    let samples = all_samples(ctx)?;
+    let rm_dir = ctx.input("reward-model")?.to_path_buf();
+    let ck = Checkpoint::open(&rm_dir)?;
+    let rm = RewardModel::load(&ck, &parse_device(&device)?, candle_core::DType::F32)?;
+    let bar = ctx.progress(samples.len() as u64, "annotations");
+    let ann = annotate_samples(
+        &prompts,
+        &samples,
+        Some((&rm, &ck, 32)),
+        &code_options(jobs)?,
+        &|_, d, _| bar.set_position(d as u64),
+    )?;
+    bar.finish_and_clear();
+    write_records(&ann, &ctx.out("annotations.parquet")?)?;
+    diagnostics(ctx, &tasks, &samples, &ann);
+    Ok(())
+}
+
+/// How good each source's answers are by the suite's own verifiers (which the construction rules
+/// do not see for instruction tasks), and how often the reward model's favourite answer of an
+/// instruction prompt is a correct one: the numbers that tell whether fusion has anything to learn.
+fn diagnostics(ctx: &mut StepCtx, tasks: &[Task], samples: &[Sample], ann: &[Annotation]) {
+    let by_id: BTreeMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut rate: BTreeMap<(String, &str), (usize, usize)> = BTreeMap::new();
+    let mut best: BTreeMap<&str, (f64, bool, bool)> = BTreeMap::new();
+    for (s, a) in samples.iter().zip(ann) {
+        let Some(t) = by_id.get(s.prompt_id.as_str()) else {
+            continue;
+        };
+        let ok = a.correct.or_else(|| t.check(&s.text)).unwrap_or(false);
+        let e = rate
+            .entry((s.source.clone(), t.category.name()))
+            .or_default();
+        e.0 += ok as usize;
+        e.1 += 1;
+        if t.category == Category::Instruction {
+            let score = a.score.unwrap_or(f64::NEG_INFINITY);
+            let b = best
+                .entry(t.id.as_str())
+                .or_insert((f64::NEG_INFINITY, false, false));
+            b.2 |= ok;
+            if score > b.0 {
+                b.0 = score;
+                b.1 = ok;
+            }
+        }
+    }
+    for ((source, cat), (k, n)) in rate {
+        ctx.metric(
+            &format!("correct/{source}/{cat}"),
+            k as f64 / n.max(1) as f64,
+        );
+    }
+    let n = best.len().max(1) as f64;
+    ctx.metric(
+        "instruction/rm_best_correct",
+        best.values().filter(|b| b.1).count() as f64 / n,
+    );
+    ctx.metric(
+        "instruction/any_correct",
+        best.values().filter(|b| b.2).count() as f64 / n,
+    );
+}
+
+/// Decontamination against the held-out prompts, then every construction rule of METHOD.md.
+pub fn construct(ctx: &mut StepCtx) -> R {
+    let params: ConstructParams = field(ctx, "construct")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let prompts = sampling_prompts(&tasks);
+    let samples = all_samples(ctx)?;
+    let ann: Vec<Annotation> = read_records(&ctx.input("annotate")?.join("annotations.parquet"))?;
+    let eval_tasks: Vec<&Task> = tasks.iter().filter(|t| t.split == Split::Eval).collect();
+    let eval: Vec<EvalText> = eval_tasks
+        .iter()
+        .map(|t| EvalText {
+            name: &t.id,
+            text: &t.prompt,
+        })
+        .collect();
+    let c = construct_records(&prompts, &samples, &ann, &eval, &params)?;
+    ctx.metric("sft_rows", c.sft.len() as f64);
+    ctx.metric("dpo_pairs", c.dpo.len() as f64);
+    ctx.metric("dropped", c.dropped.len() as f64);
+    let staged = ctx.work_dir()?.join("constructed");
+    write_outputs(&c, &params, &staged)?;
+    for e in std::fs::read_dir(&staged)? {
+        let e = e?;
+        std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
+    }
+    Ok(())
+}
+
+fn train_cfg(ctx: &StepCtx, key: &str) -> Result<TrainConfig, BoxError> {
+    field(ctx, key)
+}
+
+/// SFT of the target base on the constructed SFT rows.
+pub fn sft(ctx: &mut StepCtx) -> R {
+    let cfg = train_cfg(ctx, "train")?;
+    let device: String = field(ctx, "device")?;
+    let start: String = field(ctx, "start")?;
+    let base = ctx.input(&start)?.to_path_buf();
+    let rows: Vec<crate::data::SftRow> =
+        read_records(&ctx.input("construct")?.join("sft.parquet"))?;
+    // A chosen answer can be empty when every answer of its prompt was; there is nothing to learn.
+    let kept: Vec<Value> = rows
+        .iter()
+        .filter(|r| {
+            r.messages
+                .last()
+                .is_some_and(|m| !m.content.trim().is_empty())
+        })
+        .map(|r| json!({"messages": r.messages}))
+        .collect();
+    ctx.metric("rows/empty_dropped", (rows.len() - kept.len()) as f64);
+    let work = ctx.work_dir()?.to_path_buf();
+    let data = work.join("sft.jsonl");
+    write_jsonl(&data, &kept)?;
+    let ck = Checkpoint::open(&base)?;
+    let obj = SftObjective::load(
+        &data,
+        ck.template()?,
+        ck.tokenizer()?,
+        cfg.max_len,
+        &Value::Null,
+    )?;
+    let s = train(
+        &base,
+        &obj,
+        None,
+        &cfg,
+        &RunPaths { out: work.clone() },
+        &parse_device(&device)?,
+        &quiet(),
+    )?;
+    record(ctx, &s);
+    publish(ctx, &s.model, Some(&work.join("metrics.jsonl")))
+}
+
+/// DPO of the SFT model (its own reference) on the constructed pairs; a share of the pairs is held
+/// out, and of the last two checkpoints the one with the lower held-out loss is the fused model.
+pub fn dpo(ctx: &mut StepCtx) -> R {
+    let p: DpoStage = field(ctx, "dpo")?;
+    let device: String = field(ctx, "device")?;
+    let policy = ctx.input("sft")?.to_path_buf();
+    let pairs: Vec<crate::data::DpoPair> =
+        read_records(&ctx.input("construct")?.join("dpo.parquet"))?;
+    let work = ctx.work_dir()?.to_path_buf();
+    let (mut tr, mut ev) = (Vec::new(), Vec::new());
+    // A source may answer with nothing; the trainer rejects a pair with an empty side.
+    let blank = |m: &[crate::data::Message]| m.iter().all(|m| m.content.trim().is_empty());
+    let kept: Vec<&crate::data::DpoPair> = pairs
+        .iter()
+        .filter(|d| !blank(&d.chosen) && !blank(&d.rejected))
+        .collect();
+    ctx.metric("pairs/empty_dropped", (pairs.len() - kept.len()) as f64);
+    for d in kept {
+        let v = json!({"prompt": d.prompt, "chosen": d.chosen, "rejected": d.rejected});
+        if held_out(&d.prompt_id, p.train.seed, p.eval_fraction) {
+            ev.push(v);
+        } else {
+            tr.push(v);
+        }
+    }
+    if tr.is_empty() {
+        return Err("construction produced no DPO pair outside the held-out share".into());
+    }
+    write_jsonl(&work.join("train.jsonl"), &tr)?;
+    write_jsonl(&work.join("eval.jsonl"), &ev)?;
+    ctx.metric("pairs/train", tr.len() as f64);
+    ctx.metric("pairs/eval", ev.len() as f64);
+    let ck = Checkpoint::open(&policy)?;
+    let reference = decoder(&policy, &device)?;
+    let load = |f: &Path| -> Result<DpoObjective, BoxError> {
+        let mut o = DpoObjective::load(
+            f,
+            ck.template()?,
+            ck.tokenizer()?,
+            p.train.max_len,
+            &Value::Null,
+            p.beta,
+            p.loss.clone(),
+        )?;
+        o.compute_reference(&reference)?;
+        Ok(o)
+    };
+    let obj = load(&work.join("train.jsonl"))?;
+    let eval = if ev.is_empty() {
+        None
+    } else {
+        Some(load(&work.join("eval.jsonl"))?)
+    };
+    let run = work.join("run");
+    let s = train(
+        &policy,
+        &obj,
+        eval.as_ref().map(|e| e as &dyn Objective),
+        &p.train,
+        &RunPaths { out: run.clone() },
+        &parse_device(&device)?,
+        &quiet(),
+    )?;
+    record(ctx, &s);
+    let (picked, step) = better_of_last_two(&run, &s)?;
+    ctx.metric("picked_step", step as f64);
+    publish(ctx, &picked, Some(&run.join("metrics.jsonl")))
+}
+
+/// The final model or the last intermediate checkpoint, whichever has the lower held-out loss
+/// (the final one when there is no held-out set or no intermediate checkpoint).
+fn better_of_last_two(run: &Path, s: &TrainSummary) -> Result<(PathBuf, usize), BoxError> {
+    let mut eval_loss: BTreeMap<usize, f64> = BTreeMap::new();
+    for l in std::fs::read_to_string(run.join("metrics.jsonl"))?.lines() {
+        let v: Value = serde_json::from_str(l)?;
+        if let (Some(st), Some(el)) = (v["step"].as_u64(), v["eval/loss"].as_f64()) {
+            eval_loss.insert(st as usize, el);
+        }
+    }
+    let last_ck = std::fs::read_dir(run)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let st: usize = n.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("model/config.json").is_file().then_some(st)
+        })
+        .filter(|&st| st < s.steps)
+        .max();
+    if let (Some(c), Some(&final_loss)) = (last_ck, eval_loss.get(&s.steps)) {
+        if eval_loss.get(&c).is_some_and(|&l| l < final_loss) {
+            return Ok((run.join(format!("checkpoint-{c}")).join("model"), c));
+        }
+    }
+    Ok((s.model.clone(), s.steps))
+}
+
+/// One model answers one category's held-out items greedily; the answers are scored by the
+/// category's verifier and written as an eval result the report reads.
+pub fn eval(ctx: &mut StepCtx) -> R {
+    use crate::eval::answer::{answer, Answerer, Settings};
+    use crate::eval::{output, score};
+    let input: String = field(ctx, "model")?;
+    let label: String = field(ctx, "label")?;
+    let role: String = field(ctx, "role")?;
+    let category: Category = field(ctx, "category")?;
+    let stage: EvalStage = field(ctx, "eval")?;
+    let device: String = field(ctx, "device")?;
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let bench = data::benchmark(&tasks, category, stage.max_new_tokens);
+    let dir = ctx.input(&input)?.to_path_buf();
+    let ck = Checkpoint::open(&dir)?;
+    let model = decoder(&dir, &device)?;
+    let m = crate::sample::job::Model {
+        decoder: &model,
+        tokenizer: ck.tokenizer()?,
+        template: ck.template()?,
+        identity: crate::train::model_identity(&dir)?,
+    };
+    let settings = Settings {
+        name: label.clone(),
+        samples: 1,
+        temperature: 0.0,
+        max_new_tokens: stage.max_new_tokens,
+        seed: ctx.seed(),
+        slots: stage.slots,
+        stop_token_ids: ck.stop_token_ids(),
+    };
+    let work = ctx.work_dir()?.to_path_buf();
+    let (answers, stats) = answer(
+        &bench,
+        &Answerer::Local(m),
+        &settings,
+        &work,
+        &work.join("cache"),
+        &|_, _, _, _| {},
+    )?;
+    let verdicts = match category {
+        Category::Code => score::score_code(&bench, &answers, &code_options(stage.jobs)?, &|_| {})?,
+        _ => score::score_text(&bench, &answers)?,
+    };
+    let result = score::summarise(&bench, &label, &answers, verdicts, None, &[], ctx.seed());
+    ctx.metric("score", result.score.value);
+    ctx.metric("generated_tokens", stats.generated_tokens as f64);
+    output::write(
+        ctx.out_dir(),
+        &bench,
+        &result,
+        &answers,
+        Some(&role),
+        Some(category.name()),
+        json!({"settings": settings}),
+    )?;
+    Ok(())
+}
