@@ -4,6 +4,7 @@
 mod annotate;
 mod data;
 mod eval;
+mod fusion;
 mod hardening;
 mod util;
 
