@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::construct::ConstructParams;
+use crate::construct::{ConstructParams, GapWindow};
 use crate::data::Category;
 use crate::experiments::fusechat::{
     build, DpoStage, EvalStage, FusionParams, ModelSpec, RewardParams, SamplingStage,
@@ -106,7 +106,7 @@ pub(crate) fn params() -> FusionParams {
             family: family.into(),
             shape: source_shape.clone(),
             mix: weights(cat, 1.0, 0.15),
-            train: train(3e-3, 4, 16, 160),
+            train: train(3e-3, 3, 16, 160),
             init_seed: 100 + i as u64,
             sampling: Some(sampling(t, p, rp, 13 + i as u64)),
             samples_per_category: per_cat(if name == "qwen2" { 1 } else { 0 }),
@@ -116,8 +116,8 @@ pub(crate) fn params() -> FusionParams {
         device: "cpu".into(),
         suite: SuiteParams {
             seed: 2024,
-            train_per_skill: 300,
-            sampling_per_skill: 60,
+            train_per_skill: 1000,
+            sampling_per_skill: 150,
             eval_per_skill: 40,
         },
         tokenizer: TokenizerParams {
@@ -138,15 +138,16 @@ pub(crate) fn params() -> FusionParams {
                 context: 256,
             },
             mix: weights(Category::Instruction, 0.1, 0.1),
-            train: train(3e-3, 4, 16, 160),
+            train: train(3e-3, 6, 16, 160),
             init_seed: 7,
             sampling: None,
             samples_per_category: BTreeMap::new(),
         },
         reward: RewardParams {
+            init_from: "llama".into(),
             pairs_per_task: 1,
             eval_fraction: 0.1,
-            train: train(1e-3, 1, 16, 192),
+            train: train(2e-3, 2, 16, 192),
             seed: 5,
         },
         sampling: SamplingStage {
@@ -155,6 +156,14 @@ pub(crate) fn params() -> FusionParams {
         },
         construct: ConstructParams {
             second_language_source: Some("qwen2".into()),
+            // METHOD.md's window [0.01, 0.1] is in ArmoRM's raw units; this RM's scores spread
+            // about 20 times wider (sd 2.2 on the sampling split), so the window is scaled.
+            gap: GapWindow {
+                min: 0.2,
+                max: 2.0,
+                min_inclusive: true,
+                max_inclusive: true,
+            },
             ..Default::default()
         },
         sft: train(1e-3, 3, 16, 160),

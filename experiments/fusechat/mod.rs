@@ -69,6 +69,8 @@ pub struct ModelSpec {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RewardParams {
+    /// The model (a source or the target base) the classifier starts from.
+    pub init_from: String,
     /// Corrupted answers per train task (each a pair with the task's reference).
     pub pairs_per_task: usize,
     /// Share of the train tasks whose pairs are held out to measure pair accuracy.
@@ -137,10 +139,22 @@ pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
         sources.push((s, train_model(exp, s)?));
     }
     let base = train_model(exp, &p.target)?;
+    let rm_start = sources
+        .iter()
+        .find(|(s, _)| s.name == p.reward.init_from)
+        .map(|(_, h)| *h)
+        .or((p.target.name == p.reward.init_from).then_some(base))
+        .ok_or_else(|| crate::recipe::RecipeError::BadParams {
+            experiment: exp.name().to_string(),
+            reason: format!(
+                "reward.init_from: `{}` is not a source or the target",
+                p.reward.init_from
+            ),
+        })?;
     let reward = exp.step(
         step("reward-model").kind("fusechat/reward-model"),
-        &json!({"reward": p.reward, "device": p.device, "base": p.target.name, "jobs": p.eval.jobs}),
-        &[suite, base],
+        &json!({"reward": p.reward, "device": p.device, "base": p.reward.init_from, "jobs": p.eval.jobs}),
+        &[suite, rm_start],
         steps::reward_model,
     )?;
     let mut samples = Vec::new();

@@ -238,6 +238,8 @@ pub fn assemble(
         .collect();
     models.sort_by_key(|(m, r)| (super::role_rank(r), m.clone()));
     models.dedup();
+    let category_means = super::category_means(&evals);
+    let fusion = super::fusion::summary(&evals, &category_means, seed);
     ReportData {
         experiment: experiment.to_string(),
         invocation: invocation.to_string(),
@@ -246,7 +248,8 @@ pub fn assemble(
         git_dirty,
         fuselab_version: crate::recipe::fuselab_version().to_string(),
         models,
-        category_means: super::category_means(&evals),
+        category_means,
+        fusion,
         examples: super::examples(&evals, 5),
         benches,
         curves,

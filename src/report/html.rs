@@ -60,6 +60,23 @@ commit <code>{{ r.git_commit or "unknown" }}</code>{% if r.git_dirty %} <span cl
 <p class="muted">Plain mean of the benchmark scores in each category (the paper's convention); rating-scale benchmarks are not averaged with percentages.</p>
 {% endif %}
 
+{% if r.fusion %}{% set f = r.fusion %}
+<h2 id="fusion">Fusion</h2>
+<table>
+<tr><th>comparison</th><th>items</th><th>means (%)</th><th>difference [95%]</th><th>p</th></tr>
+{% for t in f.tests %}<tr><td>{{ t.a }} vs {{ t.b }}</td><td class="num">{{ t.items }}</td><td class="num">{{ "%.2f"|format(t.a_mean) }} vs {{ "%.2f"|format(t.b_mean) }}</td>
+<td class="num {% if t.p < 0.01 and t.diff > 0 %}sig{% elif t.p < 0.01 %}worse{% endif %}">{{ "%+.2f"|format(t.diff) }} [{{ "%+.2f"|format(t.diff_lo) }}, {{ "%+.2f"|format(t.diff_hi) }}]</td><td class="num" title="{{ t.test }}">{{ "%.2g"|format(t.p) }}</td></tr>{% endfor %}
+</table>
+<p class="muted">Paired over every held-out item of every percent-scale benchmark (exact McNemar test on binary items).</p>
+<table>
+<tr><th>category</th><th>base</th><th>{{ f.fused }}</th><th>best source</th><th>gap closed</th></tr>
+{% for g in f.gaps %}<tr><td>{{ g.category }}</td><td class="num">{{ "%.2f"|format(g.base) }}</td><td class="num">{{ "%.2f"|format(g.fused) }}</td><td class="num">{{ g.best_source }} {{ "%.2f"|format(g.best_source_score) }}</td>
+<td class="num {% if g.closed is not none and g.closed >= 0.5 %}sig{% endif %}">{% if g.closed is not none %}{{ "%.0f"|format(100 * g.closed) }}%{% else %}no source above base{% endif %}</td></tr>{% endfor %}
+</table>
+<p class="muted">Gap closed = (fused − base) / (best source − base) per category. Overall: {{ f.fused }} {{ "%.2f"|format(f.fused_overall) }}; sources {% for s, v in f.source_overall|items %}{{ s }} {{ "%.2f"|format(v) }}{% if not loop.last %}, {% endif %}{% endfor %}.
+The fused target {% if f.beats_every_source %}<b>beats every single source</b>{% else %}does <b>not</b> beat every single source{% endif %} on average.</p>
+{% endif %}
+
 {% if curves %}
 <h2 id="training">Training</h2>
 <div class="charts">{% for svg in curves %}<figure>{{ svg }}</figure>{% endfor %}</div>

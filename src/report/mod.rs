@@ -5,6 +5,7 @@
 //! `reports/<experiment>.json` carries the same numbers for scripts.
 
 pub mod charts;
+pub mod fusion;
 pub mod gather;
 pub mod html;
 
@@ -124,6 +125,9 @@ pub struct ReportData {
     /// model -> category -> plain mean of that model's benchmark scores in the category (the
     /// paper's convention), and "overall".
     pub category_means: BTreeMap<String, BTreeMap<String, f64>>,
+    /// The fused target against base and SFT on all items, and the per-category gap closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<fusion::FusionSummary>,
     pub curves: Vec<Curve>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub composition: Option<serde_json::Value>,

@@ -215,7 +215,7 @@ fn word_problem(rng: &mut Rng, _: Split, d: u8) -> Task {
 
 /// A small Python function with a constant in its name and contract, HumanEval layout.
 fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
-    let k = 2 + rng.below(40) as i64;
+    let k = 2 + rng.below(98) as i64;
     let (name, sig, doc, body, cases): (String, &str, String, String, Vec<(String, String)>) =
         match (d, rng.below(2)) {
             (1, 0) => {

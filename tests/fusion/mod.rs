@@ -51,6 +51,31 @@ fn fusechat_micro_runs_every_step_reproducibly_with_full_lineage() {
     }
     assert_eq!(ran.iter().cloned().collect::<BTreeSet<_>>(), expected);
     assert!(t.project.join("reports/fusechat-micro.html").is_file());
+    // The report states the fusion claim's numbers: pooled paired tests, the gap closed per category.
+    let data: Value =
+        serde_json::from_slice(&fs::read(t.project.join("reports/fusechat-micro.json")).unwrap())
+            .unwrap();
+    let f = &data["fusion"];
+    assert_eq!(
+        (f["tests"][0]["a"].as_str(), f["tests"][0]["b"].as_str()),
+        (Some("fused"), Some("base"))
+    );
+    assert_eq!(
+        f["tests"][0]["items"], 18,
+        "9 skills x 2 held-out items, pooled"
+    );
+    assert_eq!(f["gaps"].as_array().unwrap().len(), 4, "{f:#}");
+    for g in f["gaps"].as_array().unwrap() {
+        let (b, x, s) = (
+            g["base"].as_f64().unwrap(),
+            g["fused"].as_f64().unwrap(),
+            g["best_source_score"].as_f64().unwrap(),
+        );
+        match g["closed"].as_f64() {
+            Some(c) => assert!((c - (x - b) / (s - b)).abs() < 1e-9, "{g}"),
+            None => assert!(s <= b, "{g}"),
+        }
+    }
 
     // Each source is a checkpoint of its own family, on the tokenizer trained here.
     let out = outputs(&r);
