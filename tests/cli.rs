@@ -498,7 +498,14 @@ fn plan_list_show_and_diff() {
 
     let b = t.run_hello(&["--set", "min_len=5"]);
     let list = t.json(&["list"]);
-    assert_eq!(list["experiments"][0]["name"], "hello");
+    let names: Vec<&str> = list["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names[0], "fusechat-tiny", "the flagship is listed first");
+    assert!(names.contains(&"hello"), "{names:?}");
     assert_eq!(list["recent_runs"].as_array().unwrap().len(), 2);
 
     let d = t.json(&[

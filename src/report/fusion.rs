@@ -46,8 +46,9 @@ pub struct FusionSummary {
     /// The per-category table's `overall` of the fused target and of each source.
     pub fused_overall: f64,
     pub source_overall: BTreeMap<String, f64>,
-    /// Whether the fused target's overall mean is above every single source's.
-    pub beats_every_source: bool,
+    /// Whether the fused target's overall mean is above every single source's (`None` without
+    /// sources).
+    pub beats_every_source: Option<bool>,
 }
 
 fn model_of<'a>(evals: &'a [Evaluated], role: &str) -> Option<&'a str> {
@@ -161,7 +162,8 @@ pub fn summary(
         tests,
         gaps,
         fused_overall,
-        beats_every_source: source_overall.values().all(|&v| fused_overall > v),
+        beats_every_source: (!source_overall.is_empty())
+            .then(|| source_overall.values().all(|&v| fused_overall > v)),
         source_overall,
     })
 }

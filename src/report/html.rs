@@ -68,13 +68,13 @@ commit <code>{{ r.git_commit or "unknown" }}</code>{% if r.git_dirty %} <span cl
 <td class="num {% if t.p < 0.01 and t.diff > 0 %}sig{% elif t.p < 0.01 %}worse{% endif %}">{{ "%+.2f"|format(t.diff) }} [{{ "%+.2f"|format(t.diff_lo) }}, {{ "%+.2f"|format(t.diff_hi) }}]</td><td class="num" title="{{ t.test }}">{{ "%.2g"|format(t.p) }}</td></tr>{% endfor %}
 </table>
 <p class="muted">Paired over every held-out item of every percent-scale benchmark (exact McNemar test on binary items).</p>
-<table>
+{% if f.gaps %}<table>
 <tr><th>category</th><th>base</th><th>{{ f.fused }}</th><th>best source</th><th>gap closed</th></tr>
 {% for g in f.gaps %}<tr><td>{{ g.category }}</td><td class="num">{{ "%.2f"|format(g.base) }}</td><td class="num">{{ "%.2f"|format(g.fused) }}</td><td class="num">{{ g.best_source }} {{ "%.2f"|format(g.best_source_score) }}</td>
 <td class="num {% if g.closed is not none and g.closed >= 0.5 %}sig{% endif %}">{% if g.closed is not none %}{{ "%.0f"|format(100 * g.closed) }}%{% else %}no source above base{% endif %}</td></tr>{% endfor %}
 </table>
 <p class="muted">Gap closed = (fused − base) / (best source − base) per category. Overall: {{ f.fused }} {{ "%.2f"|format(f.fused_overall) }}; sources {% for s, v in f.source_overall|items %}{{ s }} {{ "%.2f"|format(v) }}{% if not loop.last %}, {% endif %}{% endfor %}.
-The fused target {% if f.beats_every_source %}<b>beats every single source</b>{% else %}does <b>not</b> beat every single source{% endif %} on average.</p>
+{% if f.beats_every_source is not none %}The fused target {% if f.beats_every_source %}<b>beats every single source</b>{% else %}does <b>not</b> beat every single source{% endif %} on average.{% endif %}</p>{% endif %}
 {% endif %}
 
 {% if curves %}

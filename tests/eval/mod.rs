@@ -816,12 +816,13 @@ fn the_report_opens_in_chromium_with_charts_and_hostile_answers_as_text() {
     browser.run(
         &page,
         &[
-            "--window-size=1280,1400",
+            // Tall enough for the benchmark bars and the training curves below the fusion tables.
+            "--window-size=1280,2600",
             &format!("--screenshot={}", shot.display()),
         ],
     );
     let (w, h, px) = png_pixels(&fs::read(&shot).unwrap());
-    assert_eq!((w, h), (1280, 1400));
+    assert_eq!((w, h), (1280, 2600));
     // The bars are drawn in the palette's blue/orange/green: coloured pixels, not a blank page.
     let coloured = px
         .iter()

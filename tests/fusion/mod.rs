@@ -65,6 +65,10 @@ fn fusechat_micro_runs_every_step_reproducibly_with_full_lineage() {
         "9 skills x 2 held-out items, pooled"
     );
     assert_eq!(f["gaps"].as_array().unwrap().len(), 4, "{f:#}");
+    assert!(
+        f["beats_every_source"].is_boolean(),
+        "four sources were evaluated"
+    );
     for g in f["gaps"].as_array().unwrap() {
         let (b, x, s) = (
             g["base"].as_f64().unwrap(),
