@@ -131,11 +131,22 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
     let invocations = records
         .invocations()
         .map_err(store_err("reading invocations"))?;
-    let inv = invocations
-        .into_iter()
-        .filter(|i| i.experiment == experiment && i.succeeded)
-        .max_by(|a, b| a.started_at.cmp(&b.started_at))
+    let latest = |variant: bool| {
+        invocations
+            .iter()
+            .filter(|i| i.experiment == experiment && i.succeeded)
+            .filter(|i| variant || i.overrides.is_empty())
+            .max_by(|a, b| a.started_at.cmp(&b.started_at))
+    };
+    let inv = latest(true)
+        .cloned()
         .ok_or_else(|| ReportError::NotRun(experiment.to_string()))?;
+    // A variant run (`--set`) is shown beside the latest run with the default parameters.
+    let default_inv = if inv.overrides.is_empty() {
+        None
+    } else {
+        latest(false).cloned()
+    };
     let mut evals = Vec::new();
     let mut curves = Vec::new();
     let mut composition = None;
@@ -204,7 +215,43 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
             composition = serde_json::from_slice(&bytes).ok();
         }
     }
-    Ok(assemble(
+    let mut variant = None;
+    if let Some(d) = &default_inv {
+        // Steps the variant shares with the default (same key) are already in the report.
+        let shared: std::collections::BTreeSet<_> =
+            inv.steps.iter().filter_map(|s| s.key.clone()).collect();
+        for s in &d.steps {
+            let Some(outputs) = &s.outputs else { continue };
+            let digest = outputs.digest.to_string();
+            let same = s.key.as_ref().is_some_and(|k| shared.contains(k));
+            if same || outputs.kind != crate::store::ArtifactKind::Tree {
+                continue;
+            }
+            let tree = store
+                .read_tree(&outputs.digest)
+                .map_err(|e| ReportError::Store {
+                    what: format!("reading the outputs of step {} (default run)", s.step),
+                    source: Box::new(e),
+                })?;
+            let file = |rel: &str| -> Option<Vec<u8>> {
+                let e = tree.entries.iter().find(|e| e.path == rel)?;
+                store.verify_object(&e.digest).ok()?;
+                store.read_bytes(&e.digest).ok()
+            };
+            if let Some(mut e) = read_eval(&file, &format!("step {}", s.step), &digest, &s.step)? {
+                if matches!(e.role.as_str(), "sft" | "fused") {
+                    e.result.model = format!("{} (default)", e.result.model);
+                    e.role = "default".into();
+                    evals.push(e);
+                }
+            }
+        }
+        variant = Some(super::Variant {
+            overrides: inv.overrides.clone(),
+            default_invocation: d.id.clone(),
+        });
+    }
+    let mut data = assemble(
         experiment,
         &inv.id,
         &inv.started_at,
@@ -215,7 +262,9 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
         composition,
         provenance,
         seed,
-    ))
+    );
+    data.variant = variant;
+    Ok(data)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -250,6 +299,7 @@ pub fn assemble(
         models,
         category_means,
         fusion,
+        variant: None,
         examples: super::examples(&evals, 5),
         benches,
         curves,

@@ -32,6 +32,7 @@ code { font-size: .9em; } .charts { display: flex; flex-wrap: wrap; gap: 1em; } 
 <p class="muted">invocation <code>{{ r.invocation }}</code> · started {{ r.started_at }} · fuselab {{ r.fuselab_version }} ·
 commit <code>{{ r.git_commit or "unknown" }}</code>{% if r.git_dirty %} <span class="warn">working tree dirty: the stored diff is in the run records</span>{% endif %}</p>
 
+{% if r.variant %}<p class="warn">Variant run: {% for o in r.variant.overrides %}<code>--set {{ o }}</code> {% endfor %}— shown beside the default run <code>{{ r.variant.default_invocation }}</code> (columns marked “(default)”).</p>{% endif %}
 <h2 id="benchmarks">Benchmarks</h2>
 {% if not r.benches %}<p>No evaluation results in this experiment.</p>{% endif %}
 {% if r.benches %}

@@ -128,6 +128,10 @@ pub struct ReportData {
     /// The fused target against base and SFT on all items, and the per-category gap closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion: Option<fusion::FusionSummary>,
+    /// Set when the reported run overrode parameters: its overrides and the default run whose SFT
+    /// and fused results are shown beside it (as `<model> (default)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
     pub curves: Vec<Curve>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub composition: Option<serde_json::Value>,
@@ -137,14 +141,21 @@ pub struct ReportData {
     pub multiple_comparison_note: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    pub overrides: Vec<String>,
+    pub default_invocation: String,
+}
+
 /// Column order of model roles.
 pub fn role_rank(role: &str) -> usize {
     match role {
         "base" => 0,
         "sft" => 1,
         "fused" => 2,
-        "source" => 3,
-        _ => 4,
+        "default" => 3,
+        "source" => 4,
+        _ => 5,
     }
 }
 

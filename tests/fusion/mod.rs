@@ -191,6 +191,44 @@ fn fusechat_micro_runs_every_step_reproducibly_with_full_lineage() {
     assert!(!reached.contains(out["sample-llama"].as_str()));
     assert!(!reached.contains(out["base"].as_str()));
 
+    // A variant (plain sigmoid DPO) re-executes only dpo and the fused evals, and its report shows
+    // the default run's fused model beside it.
+    let v = t.json(&[
+        "run",
+        "fusechat-micro",
+        "--set",
+        r#"dpo.loss={"type":"sigmoid","label_smoothing":0.0}"#,
+    ]);
+    let mut again = steps_with(&v, "ran");
+    again.sort();
+    assert_eq!(
+        again,
+        [
+            "dpo",
+            "eval-fused-code",
+            "eval-fused-instruction",
+            "eval-fused-math",
+            "eval-fused-second-language"
+        ]
+    );
+    let data: Value =
+        serde_json::from_slice(&fs::read(t.project.join("reports/fusechat-micro.json")).unwrap())
+            .unwrap();
+    assert!(data["variant"]["overrides"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("dpo.loss="));
+    let models: Vec<&str> = data["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert!(
+        models.contains(&"fused") && models.contains(&"fused (default)"),
+        "{models:?}"
+    );
+
     // Re-executing every step reproduces every digest bit for bit.
     let v = t.json(&["verify", "fusechat-micro"]);
     let bad: Vec<&Value> = v
