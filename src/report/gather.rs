@@ -219,7 +219,7 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
     if let Some(d) = &default_inv {
         // Steps the variant shares with the default (same key) are already in the report.
         let shared: std::collections::BTreeSet<_> =
-            inv.steps.iter().filter_map(|s| s.key.clone()).collect();
+            inv.steps.iter().filter_map(|s| s.key).collect();
         for s in &d.steps {
             let Some(outputs) = &s.outputs else { continue };
             let digest = outputs.digest.to_string();
