@@ -106,7 +106,7 @@ pub(crate) fn params() -> FusionParams {
             family: family.into(),
             shape: source_shape.clone(),
             mix: weights(cat, 1.0, 0.15),
-            train: train(5e-3, 5, 16, 160),
+            train: train(3e-3, 3, 16, 160),
             init_seed: 100 + i as u64,
             sampling: Some(sampling(t, p, rp, 13 + i as u64)),
             samples_per_category: per_cat(if name == "qwen2" { 1 } else { 0 }),
@@ -147,7 +147,7 @@ pub(crate) fn params() -> FusionParams {
             init_from: "llama".into(),
             pairs_per_task: 1,
             eval_fraction: 0.1,
-            train: train(2e-3, 1, 16, 192),
+            train: train(2e-3, 2, 16, 192),
             seed: 5,
         },
         sampling: SamplingStage {
