@@ -126,6 +126,25 @@ pub fn read_curve(bytes: &[u8], step: &str) -> Option<Curve> {
 }
 
 /// Everything the report of `experiment` shows, from the store.
+/// A step's output tree manifest.
+fn read_outputs(
+    store: &Store,
+    digest: &crate::store::Digest,
+    step: &str,
+) -> Result<crate::store::Tree, ReportError> {
+    store.read_tree(digest).map_err(|e| ReportError::Store {
+        what: format!("reading the outputs of step {step}"),
+        source: Box::new(e),
+    })
+}
+
+/// One file of an output tree, from its verified object (`None` when absent or damaged).
+fn tree_file(store: &Store, tree: &crate::store::Tree, rel: &str) -> Option<Vec<u8>> {
+    let e = tree.entries.iter().find(|e| e.path == rel)?;
+    store.verify_object(&e.digest).ok()?;
+    store.read_bytes(&e.digest).ok()
+}
+
 pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, ReportError> {
     let records = Records::new(store);
     let invocations = records
@@ -194,17 +213,8 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
         if outputs.kind != crate::store::ArtifactKind::Tree {
             continue;
         }
-        let tree = store
-            .read_tree(&outputs.digest)
-            .map_err(|e| ReportError::Store {
-                what: format!("reading the outputs of step {}", s.step),
-                source: Box::new(e),
-            })?;
-        let file = |rel: &str| -> Option<Vec<u8>> {
-            let e = tree.entries.iter().find(|e| e.path == rel)?;
-            store.verify_object(&e.digest).ok()?;
-            store.read_bytes(&e.digest).ok()
-        };
+        let tree = read_outputs(store, &outputs.digest, &s.step)?;
+        let file = |rel: &str| tree_file(store, &tree, rel);
         if let Some(e) = read_eval(&file, &format!("step {}", s.step), &digest, &s.step)? {
             evals.push(e);
         }
@@ -227,17 +237,8 @@ pub fn gather(store: &Store, experiment: &str, seed: u64) -> Result<ReportData, 
             if same || outputs.kind != crate::store::ArtifactKind::Tree {
                 continue;
             }
-            let tree = store
-                .read_tree(&outputs.digest)
-                .map_err(|e| ReportError::Store {
-                    what: format!("reading the outputs of step {} (default run)", s.step),
-                    source: Box::new(e),
-                })?;
-            let file = |rel: &str| -> Option<Vec<u8>> {
-                let e = tree.entries.iter().find(|e| e.path == rel)?;
-                store.verify_object(&e.digest).ok()?;
-                store.read_bytes(&e.digest).ok()
-            };
+            let tree = read_outputs(store, &outputs.digest, &s.step)?;
+            let file = |rel: &str| tree_file(store, &tree, rel);
             if let Some(mut e) = read_eval(&file, &format!("step {}", s.step), &digest, &s.step)? {
                 if matches!(e.role.as_str(), "sft" | "fused") {
                     e.result.model = format!("{} (default)", e.result.model);
