@@ -1,5 +1,6 @@
 //! The experiment registry: every experiment `fuselab run <name>` knows.
 
+pub mod common;
 pub mod fusechat;
 pub mod fusechat_micro;
 pub mod fusechat_tiny;

@@ -10,13 +10,12 @@
 //!                                     greedy answers scored by the eval module) -> the report
 //! ```
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::experiments::common::{decoder, evaluate_checkpoint, publish, write_jsonl, EvalSpec};
 use crate::generate::Rng;
-use crate::model::{load_weights, parse_device, Checkpoint, Decoder};
+use crate::model::{parse_device, Checkpoint};
 use crate::recipe::{step, BoxError, Experiment, ExperimentDef, Result, StepCtx};
 use crate::train::{
     evaluate, train, DpoLoss, DpoObjective, Hooks, RunPaths, SftObjective, TrainConfig,
@@ -108,43 +107,6 @@ fn rows(p: &DataParams, eval: bool) -> (Vec<Value>, Vec<Value>) {
     (sft, pairs)
 }
 
-fn write_jsonl(path: &Path, rows: &[Value]) -> Result<(), BoxError> {
-    let body: Vec<String> = rows.iter().map(Value::to_string).collect();
-    std::fs::write(path, body.join("\n") + "\n")?;
-    Ok(())
-}
-
-/// Copy the trained model out of the work dir into the step's outputs.
-fn publish(ctx: &StepCtx, work: &Path) -> Result<(), BoxError> {
-    for e in std::fs::read_dir(work.join("model"))? {
-        let e = e?;
-        std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
-    }
-    // Without timings, so the outputs are a function of the inputs alone.
-    let metrics = std::fs::read_to_string(work.join("metrics.jsonl"))?;
-    let mut lines = Vec::new();
-    for l in metrics.lines() {
-        let mut v: Value = serde_json::from_str(l)?;
-        if let Some(m) = v.as_object_mut() {
-            m.remove("tokens_per_s");
-        }
-        lines.push(v.to_string());
-    }
-    std::fs::write(ctx.out("metrics.jsonl")?, lines.join("\n") + "\n")?;
-    Ok(())
-}
-
-fn decoder(dir: &Path, device: &str) -> Result<Decoder, BoxError> {
-    let ck = Checkpoint::open(dir)?;
-    let w = load_weights(
-        dir,
-        &ck.config,
-        &parse_device(device)?,
-        candle_core::DType::F32,
-    )?;
-    Ok(Decoder::new(ck.config.clone(), w)?)
-}
-
 fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
     let base = exp.source("base", &p.base_model)?;
     let data = exp.step("data", &p.data, &[], |ctx| {
@@ -201,7 +163,7 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
             )?;
             ctx.metric("final_loss", s.final_loss);
             ctx.metric("steps", s.steps as f64);
-            publish(ctx, &work)
+            publish(ctx, &work.join("model"), &work.join("metrics.jsonl"))
         },
     )?;
 
@@ -249,7 +211,7 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
                 &hooks,
             )?;
             ctx.metric("final_loss", s.final_loss);
-            publish(ctx, &work)
+            publish(ctx, &work.join("model"), &work.join("metrics.jsonl"))
         },
     )?;
 
@@ -314,9 +276,7 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
 /// The held-out counting prompts as an exact-answer benchmark (the gold answer is the last number
 /// of the count), answered greedily by one model and scored by the eval module.
 fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {
-    use crate::eval::answer::{answer, Answerer, Settings};
     use crate::eval::bench::{Benchmark, Generation, Item, Kind};
-    use crate::eval::{output, score};
 
     let prm: Value = ctx.params()?;
     let device = prm["device"].as_str().unwrap_or("cpu").to_string();
@@ -355,44 +315,13 @@ fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {
         baseline_name: None,
     };
     let dir = ctx.input(input)?.to_path_buf();
-    let ck = Checkpoint::open(&dir)?;
-    let model = decoder(&dir, &device)?;
-    let m = crate::sample::job::Model {
-        decoder: &model,
-        tokenizer: ck.tokenizer()?,
-        template: ck.template()?,
-        identity: crate::train::model_identity(&dir)?,
-    };
-    let settings = Settings {
-        name: input.to_string(),
-        samples: 1,
-        temperature: 0.0,
-        max_new_tokens,
-        seed: ctx.seed(),
+    let spec = EvalSpec {
+        label: input,
+        role: &role,
+        category: "counting",
+        device: &device,
         slots: 8,
-        stop_token_ids: ck.stop_token_ids(),
+        code: None,
     };
-    let work = ctx.work_dir()?.to_path_buf();
-    let (answers, stats) = answer(
-        &bench,
-        &Answerer::Local(m),
-        &settings,
-        &work,
-        &work.join("cache"),
-        &|_, _, _, _| {},
-    )?;
-    let verdicts = score::score_text(&bench, &answers)?;
-    let result = score::summarise(&bench, input, &answers, verdicts, None, &[], ctx.seed());
-    ctx.metric("score", result.score.value);
-    ctx.metric("generated_tokens", stats.generated_tokens as f64);
-    output::write(
-        ctx.out_dir(),
-        &bench,
-        &result,
-        &answers,
-        Some(&role),
-        Some("counting"),
-        json!({"settings": settings}),
-    )?;
-    Ok(())
+    evaluate_checkpoint(ctx, &bench, &dir, &spec)
 }

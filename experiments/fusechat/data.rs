@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::data::{Category, Message, Prompt};
+use crate::data::Category;
 use crate::eval::bench::{Benchmark, Generation, Item, Kind};
 use crate::generate::Rng;
 use crate::synth::{final_line, Split, Task};
@@ -167,11 +167,6 @@ pub fn rm_pair(t: &Task, chosen: &str, rejected: &str) -> Value {
     })
 }
 
-/// A sample-shaped prompt for a task (its id, category and checks), for verifying candidates.
-pub fn prompt_of(t: &Task) -> Prompt {
-    t.to_prompt()
-}
-
 /// The held-out benchmark of one category: its eval tasks as items, scored by the final line
 /// (instruction, second language), the math verifier, or the sandbox (code).
 pub fn benchmark(tasks: &[Task], category: Category, max_new_tokens: usize) -> Benchmark {
@@ -216,13 +211,6 @@ fn code_stub(prompt: &str) -> Option<String> {
     let start = prompt.find("```python\n")? + "```python\n".len();
     let end = prompt[start..].find("```")? + start;
     Some(prompt[start..end].to_string())
-}
-
-/// The messages of a conversation answered with `text`.
-pub fn answered(p: &Prompt, text: &str) -> Vec<Message> {
-    let mut m = p.messages.clone();
-    m.push(Message::new("assistant", text));
-    m
 }
 
 #[cfg(test)]

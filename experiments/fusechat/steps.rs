@@ -12,18 +12,17 @@ use crate::annotate::samples::annotate_samples;
 use crate::annotate::CodeOptions;
 use crate::construct::{construct_records, write_outputs, ConstructParams, EvalText};
 use crate::data::{read_records, write_records, Annotation, Category, Prompt, Sample};
+use crate::experiments::common::{decoder, evaluate_checkpoint, publish, write_jsonl, EvalSpec, R};
 use crate::generate::{Rng, SamplingParams};
 use crate::model::bpe::{train_bpe, write_tokenizer_dir, Specials};
 use crate::model::init::create_checkpoint;
-use crate::model::{load_weights, parse_device, Checkpoint, Decoder, Family};
+use crate::model::{parse_device, Checkpoint, Family};
 use crate::recipe::{BoxError, StepCtx};
 use crate::reward::{RewardModel, RewardObjective};
 use crate::synth::{suite as make_suite, Split, SuiteParams, Task};
 use crate::train::{
     train, DpoObjective, Hooks, Objective, RunPaths, SftObjective, TrainConfig, TrainSummary,
 };
-
-type R = Result<(), BoxError>;
 
 fn field<T: serde::de::DeserializeOwned>(ctx: &StepCtx, key: &str) -> Result<T, BoxError> {
     let v: Value = ctx.params()?;
@@ -40,64 +39,6 @@ fn read_tasks(suite: &Path) -> Result<Vec<Task>, BoxError> {
             serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", p.display(), i + 1).into())
         })
         .collect()
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) -> R {
-    let mut body = String::new();
-    for r in rows {
-        body.push_str(&r.to_string());
-        body.push('\n');
-    }
-    std::fs::write(path, body).map_err(|e| format!("{}: {e}", path.display()).into())
-}
-
-fn family(name: &str) -> Result<Family, BoxError> {
-    Ok(match name {
-        "llama" => Family::Llama,
-        "qwen2" => Family::Qwen2,
-        "mistral" => Family::Mistral,
-        "gemma2" => Family::Gemma2,
-        other => {
-            return Err(
-                format!("unknown family `{other}` (llama, qwen2, mistral or gemma2)").into(),
-            )
-        }
-    })
-}
-
-fn decoder(dir: &Path, device: &str) -> Result<Decoder, BoxError> {
-    let ck = Checkpoint::open(dir)?;
-    let w = load_weights(
-        dir,
-        &ck.config,
-        &parse_device(device)?,
-        candle_core::DType::F32,
-    )?;
-    Ok(Decoder::new(ck.config.clone(), w)?)
-}
-
-/// Copy a trained model (a checkpoint directory) into the step's outputs, and the training curve
-/// without its timings, so the outputs are a function of the inputs alone.
-fn publish(ctx: &StepCtx, model: &Path, metrics: Option<&Path>) -> R {
-    for e in std::fs::read_dir(model)? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
-        }
-    }
-    if let Some(m) = metrics {
-        let mut lines = Vec::new();
-        for l in std::fs::read_to_string(m)?.lines() {
-            let mut v: Value = serde_json::from_str(l)?;
-            if let Some(o) = v.as_object_mut() {
-                o.remove("tokens_per_s");
-                o.remove("elapsed_s");
-            }
-            lines.push(v.to_string());
-        }
-        std::fs::write(ctx.out("metrics.jsonl")?, lines.join("\n") + "\n")?;
-    }
-    Ok(())
 }
 
 fn quiet() -> Hooks {
@@ -199,14 +140,13 @@ pub fn pretrain(ctx: &mut StepCtx) -> R {
     let work = ctx.work_dir()?.to_path_buf();
     let init = work.join("init");
     if Checkpoint::open(&init).is_err() {
-        create_checkpoint(
-            &init,
-            family(&m.family)?,
-            &m.shape,
-            &tok_dir,
-            ids,
-            m.init_seed,
-        )?;
+        let family = Family::from_model_type(&m.family).ok_or_else(|| {
+            format!(
+                "model `{}`: unknown family `{}` (llama, qwen2, mistral or gemma2)",
+                m.name, m.family
+            )
+        })?;
+        create_checkpoint(&init, family, &m.shape, &tok_dir, ids, m.init_seed)?;
     }
     let rows: Vec<Value> = data::mix(&tasks, &m.mix)
         .into_iter()
@@ -241,7 +181,7 @@ pub fn pretrain(ctx: &mut StepCtx) -> R {
         "parameters",
         crate::model::ModelConfig::parameter_count(&ck.config) as f64,
     );
-    publish(ctx, &s.model, Some(&run.join("metrics.jsonl")))
+    publish(ctx, &s.model, &run.join("metrics.jsonl"))
 }
 
 /// The reward model: a sequence classifier on the target base, trained (Bradley-Terry) on pairs of
@@ -324,18 +264,12 @@ pub fn reward_model(ctx: &mut StepCtx) -> R {
     write_jsonl(&ctx.out("pairs_train.jsonl")?, &train_rows)?;
     write_jsonl(&ctx.out("pairs_eval.jsonl")?, &eval_rows)?;
     let ck = Checkpoint::open(&base)?;
-    let pad = ck
-        .config
-        .raw
-        .get("pad_token_id")
-        .and_then(Value::as_u64)
-        .map(|x| x as u32);
     let obj = RewardObjective::load(
         &ctx.out_dir().join("pairs_train.jsonl"),
         ck.template()?,
         ck.tokenizer()?,
         p.train.max_len,
-        pad,
+        ck.pad_token_id(),
         None,
     )?;
     let work = ctx.work_dir()?.to_path_buf();
@@ -373,7 +307,7 @@ pub fn reward_model(ctx: &mut StepCtx) -> R {
     for (c, (w, n)) in by_cat {
         ctx.metric(&format!("eval_accuracy/{c}"), w as f64 / n.max(1) as f64);
     }
-    publish(ctx, &s.model, Some(&work.join("metrics.jsonl")))
+    publish(ctx, &s.model, &work.join("metrics.jsonl"))
 }
 
 /// Whether a record belongs to the held-out share (a function of its id and the seed).
@@ -540,13 +474,9 @@ pub fn construct(ctx: &mut StepCtx) -> R {
     Ok(())
 }
 
-fn train_cfg(ctx: &StepCtx, key: &str) -> Result<TrainConfig, BoxError> {
-    field(ctx, key)
-}
-
 /// SFT of the target base on the constructed SFT rows.
 pub fn sft(ctx: &mut StepCtx) -> R {
-    let cfg = train_cfg(ctx, "train")?;
+    let cfg: TrainConfig = field(ctx, "train")?;
     let device: String = field(ctx, "device")?;
     let start: String = field(ctx, "start")?;
     let base = ctx.input(&start)?.to_path_buf();
@@ -584,7 +514,7 @@ pub fn sft(ctx: &mut StepCtx) -> R {
         &quiet(),
     )?;
     record(ctx, &s);
-    publish(ctx, &s.model, Some(&work.join("metrics.jsonl")))
+    publish(ctx, &s.model, &work.join("metrics.jsonl"))
 }
 
 /// DPO of the SFT model (its own reference) on the constructed pairs; a share of the pairs is held
@@ -653,7 +583,7 @@ pub fn dpo(ctx: &mut StepCtx) -> R {
     record(ctx, &s);
     let (picked, step) = better_of_last_two(&run, &s)?;
     ctx.metric("picked_step", step as f64);
-    publish(ctx, &picked, Some(&run.join("metrics.jsonl")))
+    publish(ctx, &picked, &run.join("metrics.jsonl"))
 }
 
 /// The final model or the last intermediate checkpoint, whichever has the lower held-out loss
@@ -686,8 +616,6 @@ fn better_of_last_two(run: &Path, s: &TrainSummary) -> Result<(PathBuf, usize), 
 /// One model answers one category's held-out items greedily; the answers are scored by the
 /// category's verifier and written as an eval result the report reads.
 pub fn eval(ctx: &mut StepCtx) -> R {
-    use crate::eval::answer::{answer, Answerer, Settings};
-    use crate::eval::{output, score};
     let input: String = field(ctx, "model")?;
     let label: String = field(ctx, "label")?;
     let role: String = field(ctx, "role")?;
@@ -697,47 +625,17 @@ pub fn eval(ctx: &mut StepCtx) -> R {
     let tasks = read_tasks(ctx.input("suite")?)?;
     let bench = data::benchmark(&tasks, category, stage.max_new_tokens);
     let dir = ctx.input(&input)?.to_path_buf();
-    let ck = Checkpoint::open(&dir)?;
-    let model = decoder(&dir, &device)?;
-    let m = crate::sample::job::Model {
-        decoder: &model,
-        tokenizer: ck.tokenizer()?,
-        template: ck.template()?,
-        identity: crate::train::model_identity(&dir)?,
+    let code = match category {
+        Category::Code => Some(code_options(stage.jobs)?),
+        _ => None,
     };
-    let settings = Settings {
-        name: label.clone(),
-        samples: 1,
-        temperature: 0.0,
-        max_new_tokens: stage.max_new_tokens,
-        seed: ctx.seed(),
+    let spec = EvalSpec {
+        label: &label,
+        role: &role,
+        category: category.name(),
+        device: &device,
         slots: stage.slots,
-        stop_token_ids: ck.stop_token_ids(),
+        code,
     };
-    let work = ctx.work_dir()?.to_path_buf();
-    let (answers, stats) = answer(
-        &bench,
-        &Answerer::Local(m),
-        &settings,
-        &work,
-        &work.join("cache"),
-        &|_, _, _, _| {},
-    )?;
-    let verdicts = match category {
-        Category::Code => score::score_code(&bench, &answers, &code_options(stage.jobs)?, &|_| {})?,
-        _ => score::score_text(&bench, &answers)?,
-    };
-    let result = score::summarise(&bench, &label, &answers, verdicts, None, &[], ctx.seed());
-    ctx.metric("score", result.score.value);
-    ctx.metric("generated_tokens", stats.generated_tokens as f64);
-    output::write(
-        ctx.out_dir(),
-        &bench,
-        &result,
-        &answers,
-        Some(&role),
-        Some(category.name()),
-        json!({"settings": settings}),
-    )?;
-    Ok(())
+    evaluate_checkpoint(ctx, &bench, &dir, &spec)
 }

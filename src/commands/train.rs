@@ -165,12 +165,7 @@ pub fn train(cmd: &TrainCommand) -> Status {
             let (t, k) = (ck.template()?, ck.tokenizer()?);
             // TRL pads with the tokenizer's pad token (else its eos); the model reads at the last
             // token that is not the config's pad id. Both come from the checkpoint.
-            let pad = ck
-                .config
-                .raw
-                .get("pad_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32);
+            let pad = ck.pad_token_id();
             let load = |p: &Path| {
                 fuselab::reward::RewardObjective::load(p, t, k, cfg.max_len, pad, *center_rewards)
             };

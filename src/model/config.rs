@@ -18,6 +18,18 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family of a config's `model_type` (`llama`, `qwen2`, `mistral`, `gemma2`).
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        [
+            Family::Llama,
+            Family::Qwen2,
+            Family::Mistral,
+            Family::Gemma2,
+        ]
+        .into_iter()
+        .find(|f| f.model_type() == t)
+    }
+
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llama => "llama",
@@ -103,18 +115,12 @@ impl ModelConfig {
         let model_type = get(&raw, "model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no `model_type`".into()))?;
-        let family = match model_type {
-            "llama" => Family::Llama,
-            "qwen2" => Family::Qwen2,
-            "mistral" => Family::Mistral,
-            "gemma2" => Family::Gemma2,
-            other => {
-                return Err(ModelError::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    model_type: other.to_string(),
-                })
+        let family = Family::from_model_type(model_type).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type: model_type.to_string(),
             }
-        };
+        })?;
         let usize_of = |key: &str| -> Result<usize, ModelError> {
             get(&raw, key)
                 .and_then(Value::as_u64)

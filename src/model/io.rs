@@ -115,6 +115,21 @@ impl Checkpoint {
             })
     }
 
+    /// The weights as a decoder on `device` in `dtype` (names and shapes checked).
+    pub fn decoder(&self, device: &Device, dtype: DType) -> Result<super::Decoder, ModelError> {
+        let w = load_weights(&self.dir, &self.config, device, dtype)?;
+        super::Decoder::new(self.config.clone(), w)
+    }
+
+    /// The config's `pad_token_id`, where it names one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.config
+            .raw
+            .get("pad_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32)
+    }
+
     /// Token ids that end generation: the config's eos ids plus the tokenizer's eos token.
     pub fn stop_token_ids(&self) -> Vec<u32> {
         let mut ids = self.config.eos_token_ids.clone();

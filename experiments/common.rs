@@ -1,0 +1,110 @@
+//! What the experiments' step bodies share: JSONL rows out, a checkpoint onto a device, a trained
+//! model published as a step's outputs, and a benchmark answered and scored by a local checkpoint.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::eval::answer::{answer, Answerer, Settings};
+use crate::eval::bench::{Benchmark, Kind};
+use crate::eval::{output, score};
+use crate::model::{parse_device, Checkpoint, Decoder};
+use crate::recipe::{BoxError, StepCtx};
+
+pub type R = Result<(), BoxError>;
+
+pub fn write_jsonl(path: &Path, rows: &[Value]) -> R {
+    let mut body = String::new();
+    for r in rows {
+        body.push_str(&r.to_string());
+        body.push('\n');
+    }
+    std::fs::write(path, body).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+/// The checkpoint at `dir` as an f32 decoder on `device`.
+pub fn decoder(dir: &Path, device: &str) -> Result<Decoder, BoxError> {
+    let ck = Checkpoint::open(dir)?;
+    Ok(ck.decoder(&parse_device(device)?, candle_core::DType::F32)?)
+}
+
+/// Copy a trained model (a checkpoint directory) into the step's outputs, and its training curve
+/// without timings, so the outputs are a function of the inputs alone.
+pub fn publish(ctx: &StepCtx, model: &Path, metrics: &Path) -> R {
+    for e in std::fs::read_dir(model)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), ctx.out(&e.file_name().to_string_lossy())?)?;
+        }
+    }
+    let mut lines = Vec::new();
+    for l in std::fs::read_to_string(metrics)?.lines() {
+        let mut v: Value = serde_json::from_str(l)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("tokens_per_s");
+        }
+        lines.push(v.to_string());
+    }
+    std::fs::write(ctx.out("metrics.jsonl")?, lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// How one eval step answers: who, as what, with how many sequences at once.
+pub struct EvalSpec<'a> {
+    pub label: &'a str,
+    pub role: &'a str,
+    pub category: &'a str,
+    pub device: &'a str,
+    pub slots: usize,
+    /// Sandbox options for code benchmarks.
+    pub code: Option<crate::annotate::CodeOptions>,
+}
+
+/// The checkpoint at `dir` answers `bench` greedily (resumable in the step's work dir); the answers
+/// are scored and written into the step's outputs as an eval result the report reads.
+pub fn evaluate_checkpoint(ctx: &mut StepCtx, bench: &Benchmark, dir: &Path, s: &EvalSpec) -> R {
+    let ck = Checkpoint::open(dir)?;
+    let model = decoder(dir, s.device)?;
+    let m = crate::sample::job::Model {
+        decoder: &model,
+        tokenizer: ck.tokenizer()?,
+        template: ck.template()?,
+        identity: crate::train::model_identity(dir)?,
+    };
+    let settings = Settings {
+        name: s.label.to_string(),
+        samples: 1,
+        temperature: 0.0,
+        max_new_tokens: bench.generation.max_new_tokens,
+        seed: ctx.seed(),
+        slots: s.slots,
+        stop_token_ids: ck.stop_token_ids(),
+    };
+    let work = ctx.work_dir()?.to_path_buf();
+    let (answers, stats) = answer(
+        bench,
+        &Answerer::Local(m),
+        &settings,
+        &work,
+        &work.join("cache"),
+        &|_, _, _, _| {},
+    )?;
+    let verdicts = match (&bench.kind, &s.code) {
+        (Kind::Code, Some(opts)) => score::score_code(bench, &answers, opts, &|_| {})?,
+        (Kind::Code, None) => return Err("a code benchmark needs sandbox options".into()),
+        _ => score::score_text(bench, &answers)?,
+    };
+    let result = score::summarise(bench, s.label, &answers, verdicts, None, &[], ctx.seed());
+    ctx.metric("score", result.score.value);
+    ctx.metric("generated_tokens", stats.generated_tokens as f64);
+    output::write(
+        ctx.out_dir(),
+        bench,
+        &result,
+        &answers,
+        Some(s.role),
+        Some(s.category),
+        json!({"settings": settings}),
+    )?;
+    Ok(())
+}
