@@ -38,6 +38,7 @@ fn params() -> FusionParams {
         num_attention_heads: 2,
         num_key_value_heads: 1,
         context: 256,
+        rope_theta: None,
     };
     for m in p.sources.iter_mut().chain(std::iter::once(&mut p.target)) {
         m.shape = shape.clone();

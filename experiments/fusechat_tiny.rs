@@ -82,6 +82,7 @@ pub(crate) fn params() -> FusionParams {
         num_attention_heads: 4,
         num_key_value_heads: 2,
         context: 256,
+        rope_theta: Some(10_000.0),
     };
     let per_cat = |zh: u32| {
         BTreeMap::from([
@@ -121,7 +122,7 @@ pub(crate) fn params() -> FusionParams {
             eval_per_skill: 40,
         },
         tokenizer: TokenizerParams {
-            vocab_size: 1024,
+            vocab_size: 1536,
             min_frequency: 2,
             chat_template: "Qwen-Qwen2.5-7B-Instruct.jinja".into(),
         },
@@ -136,6 +137,7 @@ pub(crate) fn params() -> FusionParams {
                 num_attention_heads: 4,
                 num_key_value_heads: 2,
                 context: 256,
+                rope_theta: Some(10_000.0),
             },
             mix: weights(Category::Instruction, 0.1, 0.1),
             train: train(3e-3, 6, 16, 160),
@@ -147,7 +149,7 @@ pub(crate) fn params() -> FusionParams {
             init_from: "llama".into(),
             pairs_per_task: 1,
             eval_fraction: 0.1,
-            train: train(2e-3, 2, 16, 192),
+            train: train(2e-3, 1, 16, 192),
             seed: 5,
         },
         sampling: SamplingStage {

@@ -2,6 +2,7 @@
 
 pub mod common;
 pub mod fusechat;
+pub mod fusechat3;
 pub mod fusechat_micro;
 pub mod fusechat_tiny;
 pub mod hello;
@@ -11,10 +12,9 @@ use crate::recipe::ExperimentDef;
 
 /// All experiments, in the order `fuselab list` shows them.
 pub fn registry() -> Vec<ExperimentDef> {
-    vec![
-        fusechat_tiny::define(),
-        fusechat_micro::define(),
-        hello::define(),
-        sft_dpo_demo::define(),
-    ]
+    let mut v = vec![fusechat_tiny::define(), fusechat_micro::define()];
+    v.extend(fusechat3::experiments());
+    v.push(hello::define());
+    v.push(sft_dpo_demo::define());
+    v
 }

@@ -6,6 +6,7 @@ mod data;
 mod eval;
 mod fusion;
 mod hardening;
+mod scale;
 mod util;
 
 use std::collections::{BTreeMap, BTreeSet};

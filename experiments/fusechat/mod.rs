@@ -11,7 +11,7 @@
 //! ```
 
 pub mod data;
-mod steps;
+pub(crate) mod steps;
 
 use std::collections::BTreeMap;
 
@@ -104,14 +104,6 @@ pub struct EvalStage {
     pub jobs: usize,
 }
 
-/// The Qwen2.5 chat template's fixed words, so the tokenizer learns them as whole tokens.
-const TEMPLATE_WORDS: [&str; 4] = [
-    "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-    "user\n",
-    "assistant\n",
-    "\n",
-];
-
 pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
     let template = exp.source(
         "chat-template",
@@ -121,7 +113,8 @@ pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
     )?;
     let suite = exp.step("suite", &p.suite, &[], steps::suite)?;
     let tokenizer = exp.step(
-        "tokenizer",
+        // v2: trained on the template-rendered rows, Qwen2's digit-splitting pre-tokeniser.
+        step("tokenizer").version(2),
         &json!({"tokenizer": p.tokenizer, "context": p.target.shape.context}),
         &[suite, template],
         steps::tokenizer,

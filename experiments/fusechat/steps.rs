@@ -16,7 +16,7 @@ use crate::experiments::common::{decoder, evaluate_checkpoint, publish, write_js
 use crate::generate::{Rng, SamplingParams};
 use crate::model::bpe::{train_bpe, write_tokenizer_dir, Specials};
 use crate::model::init::create_checkpoint;
-use crate::model::{parse_device, Checkpoint, Family};
+use crate::model::{parse_device, ChatTemplate, Checkpoint, Family};
 use crate::recipe::{BoxError, StepCtx};
 use crate::reward::{RewardModel, RewardObjective};
 use crate::synth::{suite as make_suite, Split, SuiteParams, Task};
@@ -63,7 +63,7 @@ fn sampling_prompts(tasks: &[Task]) -> Vec<Prompt> {
         .collect()
 }
 
-fn code_options(jobs: usize) -> Result<CodeOptions, BoxError> {
+pub(crate) fn code_options(jobs: usize) -> Result<CodeOptions, BoxError> {
     Ok(CodeOptions {
         jobs: jobs.max(1),
         limits: Default::default(),
@@ -96,13 +96,19 @@ pub fn tokenizer(ctx: &mut StepCtx) -> R {
     let template_path = ctx.input("chat-template")?.to_path_buf();
     let template = std::fs::read_to_string(&template_path)
         .map_err(|e| format!("{}: {e}", template_path.display()))?;
-    let corpus = data::tokenizer_corpus(&tasks, &super::TEMPLATE_WORDS);
     let specials = Specials {
         pad: "<|endoftext|>".into(),
         eos: "<|im_end|>".into(),
         others: vec!["<|im_start|>".into()],
         bos: None,
     };
+    let chat = ChatTemplate::new(
+        template.clone(),
+        template_path.clone(),
+        None,
+        Some(specials.eos.clone()),
+    );
+    let corpus = data::tokenizer_corpus(&tasks, &chat, &specials.all())?;
     let tok = train_bpe(
         &corpus,
         p.vocab_size,
@@ -319,14 +325,18 @@ fn held_out(id: &str, seed: u64, fraction: f64) -> bool {
 
 /// One source answers the sampling prompts, N times per prompt by category, in resumable chunks.
 pub fn sample(ctx: &mut StepCtx) -> R {
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    sample_prompts(ctx, &sampling_prompts(&tasks))
+}
+
+/// One source's answers to `prompts` (the ones of its categories), N per prompt by category.
+pub(crate) fn sample_prompts(ctx: &mut StepCtx, prompts: &[Prompt]) -> R {
     let name: String = field(ctx, "source")?;
     let sampling: Option<SamplingParams> = field(ctx, "sampling")?;
     let per_cat: BTreeMap<Category, u32> = field(ctx, "samples_per_category")?;
     let stage: SamplingStage = field(ctx, "stage")?;
     let device: String = field(ctx, "device")?;
     let mut sampling = sampling.ok_or_else(|| format!("source `{name}` has no `sampling`"))?;
-    let tasks = read_tasks(ctx.input("suite")?)?;
-    let prompts = sampling_prompts(&tasks);
     let dir = ctx.input(&name)?.to_path_buf();
     let ck = Checkpoint::open(&dir)?;
     sampling.stop_token_ids = ck.stop_token_ids();
@@ -347,7 +357,7 @@ pub fn sample(ctx: &mut StepCtx) -> R {
     let work = ctx.work_dir()?.to_path_buf();
     let (samples, stats) = crate::sample::job::run(
         &m,
-        &prompts,
+        prompts,
         &spec,
         &crate::sample::job::JobOptions {
             chunk_size: stage.chunk_size,
@@ -378,17 +388,27 @@ fn all_samples(ctx: &StepCtx) -> Result<Vec<Sample>, BoxError> {
 
 /// Reward-model scores of every sample, and math / code verdicts.
 pub fn annotate(ctx: &mut StepCtx) -> R {
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let (samples, ann) = annotate_prompts(ctx, &sampling_prompts(&tasks))?;
+    diagnostics(ctx, &tasks, &samples, &ann);
+    Ok(())
+}
+
+/// Reward-model scores (input `reward-model`) of every sample of the `samples` inputs, and
+/// math / code verdicts against `prompts`' gold answers and tests.
+pub(crate) fn annotate_prompts(
+    ctx: &mut StepCtx,
+    prompts: &[Prompt],
+) -> Result<(Vec<Sample>, Vec<Annotation>), BoxError> {
     let device: String = field(ctx, "device")?;
     let jobs: usize = field(ctx, "jobs")?;
-    let tasks = read_tasks(ctx.input("suite")?)?;
-    let prompts = sampling_prompts(&tasks);
     let samples = all_samples(ctx)?;
     let rm_dir = ctx.input("reward-model")?.to_path_buf();
     let ck = Checkpoint::open(&rm_dir)?;
     let rm = RewardModel::load(&ck, &parse_device(&device)?, candle_core::DType::F32)?;
     let bar = ctx.progress(samples.len() as u64, "annotations");
     let ann = annotate_samples(
-        &prompts,
+        prompts,
         &samples,
         Some((&rm, &ck, 32)),
         &code_options(jobs)?,
@@ -396,8 +416,7 @@ pub fn annotate(ctx: &mut StepCtx) -> R {
     )?;
     bar.finish_and_clear();
     write_records(&ann, &ctx.out("annotations.parquet")?)?;
-    diagnostics(ctx, &tasks, &samples, &ann);
-    Ok(())
+    Ok((samples, ann))
 }
 
 /// How good each source's answers are by the suite's own verifiers (which the construction rules
@@ -448,20 +467,25 @@ fn diagnostics(ctx: &mut StepCtx, tasks: &[Task], samples: &[Sample], ann: &[Ann
 
 /// Decontamination against the held-out prompts, then every construction rule of METHOD.md.
 pub fn construct(ctx: &mut StepCtx) -> R {
-    let params: ConstructParams = field(ctx, "construct")?;
     let tasks = read_tasks(ctx.input("suite")?)?;
-    let prompts = sampling_prompts(&tasks);
-    let samples = all_samples(ctx)?;
-    let ann: Vec<Annotation> = read_records(&ctx.input("annotate")?.join("annotations.parquet"))?;
-    let eval_tasks: Vec<&Task> = tasks.iter().filter(|t| t.split == Split::Eval).collect();
-    let eval: Vec<EvalText> = eval_tasks
+    let eval: Vec<EvalText> = tasks
         .iter()
+        .filter(|t| t.split == Split::Eval)
         .map(|t| EvalText {
             name: &t.id,
             text: &t.prompt,
         })
         .collect();
-    let c = construct_records(&prompts, &samples, &ann, &eval, &params)?;
+    construct_prompts(ctx, &sampling_prompts(&tasks), &eval)
+}
+
+/// The SFT rows and DPO pairs of `prompts` from the `samples` inputs and the `annotate` input,
+/// after decontamination against `eval`.
+pub(crate) fn construct_prompts(ctx: &mut StepCtx, prompts: &[Prompt], eval: &[EvalText]) -> R {
+    let params: ConstructParams = field(ctx, "construct")?;
+    let samples = all_samples(ctx)?;
+    let ann: Vec<Annotation> = read_records(&ctx.input("annotate")?.join("annotations.parquet"))?;
+    let c = construct_records(prompts, &samples, &ann, eval, &params)?;
     ctx.metric("sft_rows", c.sft.len() as f64);
     ctx.metric("dpo_pairs", c.dpo.len() as f64);
     ctx.metric("dropped", c.dropped.len() as f64);

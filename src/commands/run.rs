@@ -99,6 +99,9 @@ pub fn plan(store_path: &std::path::Path, args: &PlanArgs) -> Status {
     let entries = recipe::plan(&store, &exp, &project_dir()?, args.write_specs)?;
     if args.exp.json {
         print_json(&entries);
+        for p in exp.problems() {
+            eprintln!("input not ready: {p}");
+        }
         return Ok(0);
     }
     println!("experiment {}", exp.name());
@@ -120,7 +123,85 @@ pub fn plan(store_path: &std::path::Path, args: &PlanArgs) -> Status {
             status, e.step, e.kind, e.version
         );
     }
+    let estimated: Vec<_> = entries
+        .iter()
+        .filter_map(|e| e.estimate.as_ref().map(|x| (e.step.as_str(), x)))
+        .collect();
+    if !estimated.is_empty() {
+        println!();
+        println!(
+            "  {:<28} {:>10} {:>12} {:>12} {:>10} {:>10} {:>5}",
+            "estimate", "params", "tokens", "FLOPs", "GPU-hours", "memory", "GPUs"
+        );
+        let (mut tokens, mut flops, mut hours) = (0.0, 0.0, 0.0);
+        for (step, x) in &estimated {
+            tokens += x.tokens;
+            flops += x.flops;
+            hours += x.gpu_hours;
+            println!(
+                "  {:<28} {:>10} {:>12} {:>12} {:>10.1} {:>10} {:>5}",
+                step,
+                if x.parameters > 0 {
+                    si(x.parameters as f64, "")
+                } else {
+                    "-".into()
+                },
+                si(x.tokens, ""),
+                si(x.flops, ""),
+                x.gpu_hours,
+                if x.memory_bytes > 0.0 {
+                    si(x.memory_bytes, "B")
+                } else {
+                    "-".into()
+                },
+                if x.gpus > 0 {
+                    x.gpus.to_string()
+                } else {
+                    "-".into()
+                },
+            );
+        }
+        println!(
+            "  {:<28} {:>10} {:>12} {:>12} {:>10.1}",
+            "total",
+            "",
+            si(tokens, ""),
+            si(flops, ""),
+            hours
+        );
+        let mut bases: Vec<&str> = Vec::new();
+        for (step, x) in &estimated {
+            if !x.basis.is_empty() && !bases.contains(&x.basis.as_str()) {
+                bases.push(&x.basis);
+                println!("  basis ({step}...): {}", x.basis);
+            }
+        }
+    }
+    if !exp.problems().is_empty() {
+        println!();
+        println!("inputs not ready (`run` refuses until each is fixed):");
+        for p in exp.problems() {
+            println!("  - {p}");
+        }
+    }
     Ok(0)
+}
+
+/// `1.2G`-style figures for the plan's estimates.
+fn si(x: f64, unit: &str) -> String {
+    let (v, p) = [
+        (1e18, "E"),
+        (1e15, "P"),
+        (1e12, "T"),
+        (1e9, "G"),
+        (1e6, "M"),
+        (1e3, "k"),
+    ]
+    .iter()
+    .find(|(v, _)| x >= *v)
+    .map(|(v, p)| (x / v, *p))
+    .unwrap_or((x, ""));
+    format!("{v:.1}{p}{unit}")
 }
 
 pub fn verify(store_path: &std::path::Path, args: &ExperimentArgs) -> Status {

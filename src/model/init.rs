@@ -23,6 +23,12 @@ pub struct Shape {
     pub num_key_value_heads: usize,
     /// Longest sequence the model is meant for (`max_position_embeddings`).
     pub context: usize,
+    /// RoPE base; `None` keeps the family's own (Llama 3 500k, Qwen2 1M, Mistral / Gemma-2 10k).
+    /// Those large bases are tuned for 128-dim heads and 128k contexts: with 32-dim heads and a
+    /// 256-token context almost every rotary pair of a 500k base turns too slowly to tell
+    /// neighbouring positions apart.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
 }
 
 /// Special token ids a new model's config names.
@@ -60,6 +66,7 @@ pub fn config_json(family: Family, shape: &Shape, vocab_size: usize, ids: Specia
     });
     let m = v.as_object_mut().expect("object");
     let window = (shape.context / 2).max(1);
+    let theta = |own: f64| shape.rope_theta.unwrap_or(own);
     match family {
         Family::Llama => {
             m.insert("hidden_act".into(), json!("silu"));
@@ -68,7 +75,7 @@ pub fn config_json(family: Family, shape: &Shape, vocab_size: usize, ids: Specia
             m.insert("tie_word_embeddings".into(), json!(false));
             m.insert(
                 "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": 500000.0}),
+                json!({"rope_type": "default", "rope_theta": theta(500000.0)}),
             );
         }
         Family::Qwen2 => {
@@ -82,14 +89,14 @@ pub fn config_json(family: Family, shape: &Shape, vocab_size: usize, ids: Specia
             );
             m.insert(
                 "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": 1000000.0}),
+                json!({"rope_type": "default", "rope_theta": theta(1000000.0)}),
             );
         }
         Family::Mistral => {
             m.insert("hidden_act".into(), json!("silu"));
             m.insert("tie_word_embeddings".into(), json!(false));
             m.insert("sliding_window".into(), json!(window));
-            m.insert("rope_theta".into(), json!(10000.0));
+            m.insert("rope_theta".into(), json!(theta(10000.0)));
         }
         Family::Gemma2 => {
             m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
@@ -111,7 +118,7 @@ pub fn config_json(family: Family, shape: &Shape, vocab_size: usize, ids: Specia
             m.insert("query_pre_attn_scalar".into(), json!(head_dim));
             m.insert(
                 "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": 10000.0}),
+                json!({"rope_type": "default", "rope_theta": theta(10000.0)}),
             );
         }
     }

@@ -7,6 +7,7 @@ mod backward;
 pub mod bpe;
 pub mod chat;
 pub mod config;
+pub mod cost;
 pub mod decoder;
 pub mod fused;
 pub mod init;

@@ -19,8 +19,8 @@ use super::records::{
     Tools, RECORD_FORMAT,
 };
 use super::{
-    Body, Determinism, Experiment, ExperimentDef, NodeKind, RecipeError, Result, SpecInput,
-    StepSpec,
+    Body, Determinism, Estimate, Experiment, ExperimentDef, NodeKind, RecipeError, Result,
+    SpecInput, StepSpec,
 };
 use crate::fs::{self as xfs, FileLock, IoContext};
 use crate::store::{ArtifactRef, Digest, Store};
@@ -570,6 +570,12 @@ enum State {
 
 /// Execute an experiment: reuse what is cached, run the rest (independent steps in parallel).
 pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunReport> {
+    if !exp.problems.is_empty() {
+        return Err(RecipeError::InputsNotReady {
+            experiment: exp.name.clone(),
+            problems: exp.problems.clone(),
+        });
+    }
     for f in &opts.force {
         exp.index_of(f)?;
     }
@@ -839,6 +845,8 @@ pub struct PlanEntry {
     pub status: PlanStatus,
     pub key: Option<Digest>,
     pub outputs: Option<ArtifactRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
 }
 
 /// The inputs of node `i` if every producer's output is known.
@@ -930,6 +938,7 @@ pub fn plan(
             status,
             key,
             outputs: known[i].clone(),
+            estimate: node.def.estimate.clone(),
         });
     }
     Ok(out)

@@ -24,6 +24,7 @@ pub use engine::{
     StepReport, StepStatus, VerifyEntry, VerifyStatus,
 };
 pub use key::{fuselab_version, SpecInput, StepSpec};
+
 pub use params::set_param;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,11 @@ pub enum RecipeError {
     NotFound { what: String },
     #[error("step `{step}` in a subprocess: {message}")]
     Subprocess { step: String, message: String },
+    #[error("experiment `{experiment}` cannot run: its inputs are not ready:\n  {}", problems.join("\n  "))]
+    InputsNotReady {
+        experiment: String,
+        problems: Vec<String>,
+    },
 }
 
 pub type Result<T, E = RecipeError> = std::result::Result<T, E>;
@@ -106,6 +112,24 @@ pub enum Determinism {
     Metrics { rel_tol: f64 },
 }
 
+/// What a step is expected to cost, declared by the recipe for `fuselab plan`. Advisory: it is not
+/// part of the step's key, and `basis` says how the figures were derived.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Estimate {
+    /// Parameters of the model the step trains or runs (the largest, where there are several).
+    pub parameters: u64,
+    /// Tokens processed (read and generated).
+    pub tokens: f64,
+    pub flops: f64,
+    /// Accelerator hours on the reference GPU the recipe names in `basis`.
+    pub gpu_hours: f64,
+    /// Accelerator memory the step needs in all (weights, optimizer state, caches, activations).
+    pub memory_bytes: f64,
+    /// The fewest reference GPUs that hold `memory_bytes`.
+    pub gpus: u32,
+    pub basis: String,
+}
+
 /// How a step is named and versioned. `"name".into()` gives version 1, seed 0.
 #[derive(Clone, Debug)]
 pub struct StepDef {
@@ -114,6 +138,7 @@ pub struct StepDef {
     pub seed: u64,
     pub kind: Option<String>,
     pub determinism: Determinism,
+    pub estimate: Option<Estimate>,
 }
 
 /// Start a step definition: `exp.step(step("train").version(3).seed(42), ...)`.
@@ -124,6 +149,7 @@ pub fn step(name: &str) -> StepDef {
         seed: 0,
         kind: None,
         determinism: Determinism::Exact,
+        estimate: None,
     }
 }
 
@@ -141,6 +167,11 @@ impl StepDef {
     /// Share cached outputs between experiments that run the same code (default: `<experiment>/<name>`).
     pub fn kind(mut self, k: &str) -> Self {
         self.kind = Some(k.to_string());
+        self
+    }
+    /// What the step is expected to cost (shown by `fuselab plan`).
+    pub fn estimate(mut self, e: Estimate) -> Self {
+        self.estimate = Some(e);
         self
     }
     /// Declare that re-execution may give different bytes (e.g. multithreaded float reductions).
@@ -177,6 +208,7 @@ pub struct Experiment {
     pub(crate) name: String,
     pub(crate) params: Value,
     pub(crate) nodes: Vec<Node>,
+    pub(crate) problems: Vec<String>,
 }
 
 impl Experiment {
@@ -187,6 +219,16 @@ impl Experiment {
     /// The resolved experiment parameters (defaults with `--set` overrides applied).
     pub fn params(&self) -> &Value {
         &self.params
+    }
+
+    /// Record why the experiment cannot run yet (an unset or broken input): `plan` still shows the
+    /// DAG and lists these, `run` refuses with all of them.
+    pub fn problem(&mut self, what: impl Into<String>) {
+        self.problems.push(what.into());
+    }
+
+    pub fn problems(&self) -> &[String] {
+        &self.problems
     }
 
     pub fn step_names(&self) -> Vec<String> {
@@ -294,6 +336,32 @@ impl ExperimentDef {
         }
     }
 
+    /// Several experiments of one parameter type that differ in their defaults (one recipe per
+    /// target model, say).
+    pub fn from_value<P>(
+        name: &'static str,
+        description: &'static str,
+        defaults: Value,
+        build: fn(&mut Experiment, &P) -> Result<()>,
+    ) -> ExperimentDef
+    where
+        P: DeserializeOwned + 'static,
+    {
+        ExperimentDef {
+            name,
+            description,
+            defaults,
+            build: Box::new(move |exp, v| {
+                let p: P =
+                    serde_json::from_value(v.clone()).map_err(|e| RecipeError::BadParams {
+                        experiment: exp.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                build(exp, &p)
+            }),
+        }
+    }
+
     pub fn defaults(&self) -> &Value {
         &self.defaults
     }
@@ -313,6 +381,7 @@ impl ExperimentDef {
             name: self.name.to_string(),
             params: params.clone(),
             nodes: Vec::new(),
+            problems: Vec::new(),
         };
         (self.build)(&mut exp, params)?;
         Ok(exp)

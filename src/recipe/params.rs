@@ -21,20 +21,46 @@ pub fn set_param(params: &mut Value, arg: &str) -> Result<()> {
     let mut cur = params;
     let parts: Vec<&str> = path.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
-        let obj = cur.as_object_mut().ok_or_else(|| {
-            bad(format!(
-                "`{}` is not a group of parameters",
-                parts[..i].join(".")
-            ))
-        })?;
-        let known: Vec<String> = obj.keys().cloned().collect();
-        let slot = obj.get_mut(*part).ok_or_else(|| {
-            bad(format!(
-                "unknown parameter `{}` (known here: {})",
-                parts[..=i].join("."),
-                known.join(", ")
-            ))
-        })?;
+        let here = parts[..=i].join(".");
+        let slot = match cur {
+            Value::Object(obj) => {
+                let known: Vec<String> = obj.keys().cloned().collect();
+                obj.get_mut(*part).ok_or_else(|| {
+                    bad(format!(
+                        "unknown parameter `{here}` (known here: {})",
+                        known.join(", ")
+                    ))
+                })?
+            }
+            // A list is addressed by position, or by the `name` of one of its groups.
+            Value::Array(list) => {
+                let names: Vec<String> = list
+                    .iter()
+                    .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect();
+                let n = list.len();
+                let at = match part.parse::<usize>() {
+                    Ok(k) if k < n => k,
+                    Ok(k) => return Err(bad(format!("`{here}`: index {k} is past the end of a list of {n}"))),
+                    Err(_) => list
+                        .iter()
+                        .position(|v| v.get("name").and_then(Value::as_str) == Some(*part))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "`{here}`: no element named `{part}` (names: {}; or an index below {n})",
+                                names.join(", ")
+                            ))
+                        })?,
+                };
+                &mut list[at]
+            }
+            _ => {
+                return Err(bad(format!(
+                    "`{}` is not a group of parameters",
+                    parts[..i].join(".")
+                )))
+            }
+        };
         if i + 1 == parts.len() {
             check_same_type(slot, &value).map_err(bad)?;
             *slot = value;
