@@ -181,3 +181,123 @@ fn broken_inputs_are_each_named_with_the_file_at_fault() {
             .parameter_count() as u64
     );
 }
+
+/// Every step of a full-scale recipe executed for real on the tiny HF fixtures standing in for
+/// the checkpoints (same families as the real ones), with small prompt files.
+#[test]
+fn a_full_scale_recipe_runs_end_to_end_on_fixture_checkpoints() {
+    let t = TestContext::new();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let d = t.dir.path();
+    let write = |name: &str, rows: &[Value]| {
+        let p = d.join(name);
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        fs::write(&p, text).unwrap();
+        p
+    };
+    let instr = write(
+        "instr.jsonl",
+        &[
+            serde_json::json!({"prompt": "Name a colour."}),
+            serde_json::json!({"prompt": "Say hello politely."}),
+            serde_json::json!({"prompt": "List two fruits."}),
+        ],
+    );
+    let math = write(
+        "math.jsonl",
+        &[
+            serde_json::json!({"prompt": "What is 2+3?", "gold": "5"}),
+            serde_json::json!({"prompt": "What is 4*2?", "gold": "8"}),
+        ],
+    );
+    let code = write(
+        "code.jsonl",
+        &[serde_json::json!({
+            "prompt": "Write a Python function add_one(x) that returns x + 1.",
+            "tests": "def check(candidate):\n    assert candidate(1) == 2\n",
+            "entry_point": "add_one"
+        })],
+    );
+    let zh = write("zh.jsonl", &[serde_json::json!({"prompt": "请说你好。"})]);
+    let mut sets: Vec<String> = vec![
+        format!("target.path={}", fx.join("hf/llama").display()),
+        format!("sources.gemma2-27b.path={}", fx.join("hf/gemma2").display()),
+        format!(
+            "sources.mistral-large.path={}",
+            fx.join("hf/mistral").display()
+        ),
+        format!("sources.qwen25-72b.path={}", fx.join("hf/qwen2").display()),
+        format!("sources.llama31-70b.path={}", fx.join("hf/llama").display()),
+        format!(
+            "sources.qwen25-math-72b.path={}",
+            fx.join("hf/qwen2").display()
+        ),
+        format!("reward_model.path={}", fx.join("reward/armorm").display()),
+        "device=cpu".into(),
+        r#"construct.gap={"min":0.0,"max":1000.0,"min_inclusive":true,"max_inclusive":true}"#
+            .into(),
+        "sft.batch_size=2".into(),
+        "sft.grad_accum=1".into(),
+        "sft.max_len=128".into(),
+        "sft.epochs=1".into(),
+        "sft.compute_dtype=f32".into(),
+        "dpo.train.batch_size=2".into(),
+        "dpo.train.grad_accum=1".into(),
+        "dpo.train.max_len=128".into(),
+        "dpo.train.save_steps=1".into(),
+        "dpo.train.compute_dtype=f32".into(),
+        "dpo.eval_fraction=0.5".into(),
+        // HumanEval's prompts are longer than the fixtures' 256-token context.
+        "eval.benchmarks=[]".into(),
+    ];
+    for (name, file) in [
+        ("UltraFeedback", &instr),
+        ("Magpie-Pro-DPO", &instr),
+        ("HelpSteer2", &instr),
+        ("OpenMathInstruct-2", &math),
+        ("leetcode", &code),
+        ("self-oss-instruct-sc2", &code),
+        ("alpaca_gpt4_zh", &zh),
+        ("Magpie-Qwen2-Pro-zh", &zh),
+    ] {
+        sets.push(format!("datasets.{name}.path={}", file.display()));
+    }
+    sets.push("datasets.OpenMathInstruct-2.gold_field=gold".into());
+    for name in ["leetcode", "self-oss-instruct-sc2"] {
+        sets.push(format!("datasets.{name}.tests_field=tests"));
+        sets.push(format!("datasets.{name}.entry_point_field=entry_point"));
+    }
+    for s in [
+        "gemma2-27b",
+        "mistral-large",
+        "qwen25-72b",
+        "llama31-70b",
+        "qwen25-math-72b",
+    ] {
+        sets.push(format!("sources.{s}.sampling.max_new_tokens=6"));
+    }
+    let mut args = vec!["plan", "fusechat3-llama32-1b"];
+    for s in &sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let text = t.ok(&args);
+    assert!(!text.contains("inputs not ready"), "{text}");
+    args[0] = "run";
+    let r = t.json(&args);
+    let ran = crate::util::steps_with(&r, "ran");
+    for s in [
+        "prompts",
+        "sample-gemma2-27b",
+        "sample-qwen25-math-72b",
+        "annotate",
+        "construct",
+        "sft",
+        "dpo",
+    ] {
+        assert!(ran.iter().any(|x| x == s), "{s} did not run: {ran:?}");
+    }
+    // A second run executes nothing.
+    let again = t.json(&args);
+    assert!(crate::util::steps_with(&again, "ran").is_empty());
+}
