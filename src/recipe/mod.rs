@@ -321,19 +321,7 @@ impl ExperimentDef {
         P: Serialize + DeserializeOwned + Default + 'static,
     {
         let defaults = serde_json::to_value(P::default()).expect("default parameters serialise");
-        ExperimentDef {
-            name,
-            description,
-            defaults,
-            build: Box::new(move |exp, v| {
-                let p: P =
-                    serde_json::from_value(v.clone()).map_err(|e| RecipeError::BadParams {
-                        experiment: exp.name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                build(exp, &p)
-            }),
-        }
+        ExperimentDef::from_value(name, description, defaults, build)
     }
 
     /// Several experiments of one parameter type that differ in their defaults (one recipe per
