@@ -39,9 +39,10 @@ pub fn list(store_path: &std::path::Path, args: &JsonFlag) -> Status {
         return Ok(0);
     }
     println!("experiments:");
+    let width = reg.iter().map(|d| d.name.len()).max().unwrap_or(0);
     for (def, e) in reg.iter().zip(&experiments) {
         println!(
-            "  {:<16} {} ({} steps)",
+            "  {:<width$} {} ({} steps)",
             def.name,
             def.description,
             e["steps"].as_array().map_or(0, |a| a.len())
