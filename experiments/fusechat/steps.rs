@@ -24,7 +24,10 @@ use crate::train::{
     train, DpoObjective, Hooks, Objective, RunPaths, SftObjective, TrainConfig, TrainSummary,
 };
 
-fn field<T: serde::de::DeserializeOwned>(ctx: &StepCtx, key: &str) -> Result<T, BoxError> {
+pub(crate) fn field<T: serde::de::DeserializeOwned>(
+    ctx: &StepCtx,
+    key: &str,
+) -> Result<T, BoxError> {
     let v: Value = ctx.params()?;
     serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
         .map_err(|e| format!("step `{}`: parameter `{key}`: {e}", ctx.step()).into())

@@ -49,6 +49,8 @@ pub struct Costs<'a> {
     models: BTreeMap<String, ModelCost>,
     /// Prompts per category.
     prompts: BTreeMap<Category, f64>,
+    /// Answers each benchmark asks for (items x turns).
+    answers: BTreeMap<String, f64>,
 }
 
 impl<'a> Costs<'a> {
@@ -63,7 +65,17 @@ impl<'a> Costs<'a> {
             let n = checked.rows.get(&d.name).copied().unwrap_or(d.rows);
             *prompts.entry(d.category).or_default() += n as f64;
         }
-        Costs { p, models, prompts }
+        let answers = checked
+            .items
+            .iter()
+            .map(|(k, n)| (k.clone(), *n as f64))
+            .collect();
+        Costs {
+            p,
+            models,
+            prompts,
+            answers,
+        }
     }
 
     fn len(&self, c: Category) -> (f64, f64) {
@@ -229,19 +241,32 @@ impl<'a> Costs<'a> {
         self.models.get(&self.p.target.name)
     }
 
+    /// Tokens and FLOPs of `epochs` passes over `rows` per category, each row truncated at
+    /// `max_len` and costing `flops(len)`.
+    fn passes(
+        &self,
+        rows: BTreeMap<Category, f64>,
+        epochs: usize,
+        max_len: usize,
+        flops: impl Fn(f64) -> f64,
+    ) -> (f64, f64) {
+        let (mut tokens, mut total) = (0.0, 0.0);
+        for (c, n) in rows {
+            let (lp, la) = self.len(c);
+            let l = (lp + la).min(max_len as f64);
+            tokens += n * epochs as f64 * l;
+            total += n * epochs as f64 * flops(l);
+        }
+        (tokens, total)
+    }
+
     pub fn sft(&self) -> Estimate {
         let Some(m) = self.target() else {
             return Estimate::default();
         };
         let t = &self.p.sft;
         let (sft, _) = self.split();
-        let (mut tokens, mut flops) = (0.0, 0.0);
-        for (c, rows) in sft {
-            let (lp, la) = self.len(c);
-            let l = (lp + la).min(t.max_len as f64);
-            tokens += rows * t.epochs as f64 * l;
-            flops += rows * t.epochs as f64 * m.train_flops(l);
-        }
+        let (tokens, flops) = self.passes(sft, t.epochs, t.max_len, |l| m.train_flops(l));
         let memory =
             m.training_state_bytes() + m.activation_bytes(t.batch_size as f64, t.max_len as f64);
         self.estimate(
@@ -265,14 +290,11 @@ impl<'a> Costs<'a> {
         };
         let t = &self.p.dpo.train;
         let (_, dpo) = self.split();
-        let (mut tokens, mut flops) = (0.0, 0.0);
-        for (c, pairs) in dpo {
-            let (lp, la) = self.len(c);
-            let l = (lp + la).min(t.max_len as f64);
-            let e = pairs * t.epochs as f64;
-            tokens += e * 2.0 * l;
-            flops += e * 2.0 * (m.train_flops(l) + m.forward_flops(l));
-        }
+        // Each pair is two sequences, chosen and rejected.
+        let (tokens, flops) = self.passes(dpo, t.epochs, t.max_len, |l| {
+            2.0 * (m.train_flops(l) + m.forward_flops(l))
+        });
+        let tokens = 2.0 * tokens;
         let memory = m.training_state_bytes()
             + m.parameters as f64 * BF16
             + m.activation_bytes(2.0 * t.batch_size as f64, t.max_len as f64);
@@ -286,16 +308,12 @@ impl<'a> Costs<'a> {
         )
     }
 
-    /// Greedy answers to a benchmark (HumanEval: 164 problems).
+    /// Greedy answers to a benchmark, one per item and turn.
     pub fn eval(&self, bench: &str) -> Estimate {
         let Some(m) = self.target() else {
             return Estimate::default();
         };
-        let items = match bench {
-            "humaneval" => 164.0,
-            "mt-bench" => 160.0,
-            _ => 0.0,
-        };
+        let items = self.answers.get(bench).copied().unwrap_or(0.0);
         let (lp, gen) = (200.0, self.p.eval.max_new_tokens as f64);
         let flops = items * (m.forward_flops(lp) + gen * m.forward_flops_per_token(lp + gen / 2.0));
         let slots = self.p.eval.slots as f64;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::construct::{ConstructParams, EvalText};
-use crate::data::import::{import, Imported, Layout, Mapping};
+use crate::data::import::{Layout, Mapping};
 use crate::data::{read_records, write_records, Category, Prompt};
 use crate::experiments::common::{evaluate_checkpoint, EvalSpec, R};
 use crate::experiments::fusechat::steps as fc;
@@ -407,7 +407,10 @@ fn build(exp: &mut Experiment, p: &ScaleParams) -> Result<()> {
     let mut benchmarks: BTreeMap<&str, Handle> = BTreeMap::new();
     for b in p.decontaminate.iter().chain(&p.eval.benchmarks) {
         if !benchmarks.contains_key(b.as_str()) {
-            let h = exp.source(&format!("benchmark-{b}"), validate::benchmark_dir(b))?;
+            // An unknown name is already a problem; its node still shows in the plan.
+            let dir = validate::benchmark_dir(b)
+                .unwrap_or_else(|_| format!("<unknown benchmark {b}>").into());
+            let h = exp.source(&format!("benchmark-{b}"), dir)?;
             benchmarks.insert(b, h);
         }
     }
@@ -477,30 +480,16 @@ fn mapping(d: &DatasetInput) -> Mapping {
 
 /// Every dataset's prompts in one table, ids prefixed by the dataset so they cannot collide.
 fn prompts_step(ctx: &mut StepCtx) -> R {
-    let datasets: Vec<DatasetInput> = ctx.params::<serde_json::Value>().and_then(|v| {
-        serde_json::from_value(v["datasets"].clone()).map_err(|e| e.to_string().into())
-    })?;
+    let datasets: Vec<DatasetInput> = fc::field(ctx, "datasets")?;
     let mut all: Vec<Prompt> = Vec::new();
     for d in &datasets {
         let path = ctx.input(&format!("dataset-{}", d.name))?.to_path_buf();
-        match import(&path, &mapping(d))? {
-            Imported::Prompts(v) => {
-                ctx.metric(&format!("prompts/{}", d.name), v.len() as f64);
-                all.extend(v.into_iter().map(|mut p| {
-                    p.id = format!("{}/{}", d.name, p.id);
-                    p
-                }));
-            }
-            other => {
-                return Err(format!(
-                    "{}: dataset `{}` holds {:?} records, not prompts",
-                    path.display(),
-                    d.name,
-                    other.kind()
-                )
-                .into())
-            }
-        }
+        let v = validate::import_prompts(&path, d)?;
+        ctx.metric(&format!("prompts/{}", d.name), v.len() as f64);
+        all.extend(v.into_iter().map(|mut p| {
+            p.id = format!("{}/{}", d.name, p.id);
+            p
+        }));
     }
     ctx.metric("prompts", all.len() as f64);
     write_records(&all, &ctx.out("sampling_prompts.parquet")?)?;
@@ -515,8 +504,7 @@ fn read_prompts(ctx: &StepCtx) -> std::result::Result<Vec<Prompt>, crate::recipe
 
 fn construct_step(ctx: &mut StepCtx) -> R {
     let prompts = read_prompts(ctx)?;
-    let names: Vec<String> =
-        serde_json::from_value(ctx.params::<serde_json::Value>()?["decontaminate"].clone())?;
+    let names: Vec<String> = fc::field(ctx, "decontaminate")?;
     let mut texts: Vec<(String, String)> = Vec::new();
     for b in &names {
         let dir = ctx.input(&format!("benchmark-{b}"))?.to_path_buf();
@@ -532,14 +520,12 @@ fn construct_step(ctx: &mut StepCtx) -> R {
 }
 
 fn eval_step(ctx: &mut StepCtx) -> R {
-    let v: serde_json::Value = ctx.params()?;
-    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-    let stage: ScaleEval = serde_json::from_value(v["eval"].clone())?;
-    let (label, role, device) = (s("label"), s("role"), s("device"));
-    let name = s("benchmark");
+    let s = |k: &str| fc::field::<String>(ctx, k);
+    let stage: ScaleEval = fc::field(ctx, "eval")?;
+    let (label, role, device, name) = (s("label")?, s("role")?, s("device")?, s("benchmark")?);
     let mut bench = validate::load_benchmark(&name, ctx.input(&format!("benchmark-{name}"))?)?;
     bench.generation.max_new_tokens = stage.max_new_tokens;
-    let dir = ctx.input(&s("model"))?.to_path_buf();
+    let dir = ctx.input(&s("model")?)?.to_path_buf();
     let spec = EvalSpec {
         label: &label,
         role: &role,

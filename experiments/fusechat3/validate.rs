@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::{DatasetInput, ModelInput, ScaleParams};
 use crate::data::import::{import, Imported};
-use crate::data::Category;
+use crate::data::{Category, Prompt};
 use crate::eval::bench::{self, Benchmark};
 use crate::model::ModelConfig;
 
@@ -21,6 +21,8 @@ pub struct Checked {
     pub problems: Vec<String>,
     pub configs: BTreeMap<String, ModelConfig>,
     pub rows: BTreeMap<String, u64>,
+    /// Answers (items x turns) of every benchmark that could be read.
+    pub items: BTreeMap<String, usize>,
 }
 
 /// The published config.json files of the models METHOD.md names, as bundled.
@@ -177,44 +179,43 @@ fn dataset(d: &DatasetInput, set: &str) -> Result<u64, String> {
     if !path.is_file() {
         return Err(format!("`{set}`: {}: no such file", path.display()));
     }
-    let prompts = match import(path, &super::mapping(d)) {
-        Ok(Imported::Prompts(v)) => v,
-        Ok(other) => {
-            return Err(format!(
-                "`{set}`: {}: holds {:?} records, not prompts",
-                path.display(),
-                other.kind()
-            ))
-        }
-        Err(e) => {
-            let hint = match d.category {
-                Category::Math => format!(" (for this recipe: --set {prefix}.gold_field=NAME)"),
-                Category::Code => format!(" (for this recipe: --set {prefix}.tests_field=NAME)"),
-                _ => String::new(),
-            };
-            return Err(format!("`{set}`: {e}{hint}"));
-        }
-    };
+    let prompts = import_prompts(path, d).map_err(|e| {
+        let hint = match d.category {
+            Category::Math => format!(" (for this recipe: --set {prefix}.gold_field=NAME)"),
+            Category::Code => format!(" (for this recipe: --set {prefix}.tests_field=NAME)"),
+            _ => String::new(),
+        };
+        format!("`{set}`: {e}{hint}")
+    })?;
     Ok(prompts.len() as u64)
 }
 
 /// The shared-data directory of a benchmark the recipe names.
-pub fn benchmark_dir(name: &str) -> PathBuf {
-    bench::shared_data().join(name.replace('-', "_"))
+pub fn benchmark_dir(name: &str) -> Result<PathBuf, String> {
+    bench::builtin_dir(name).ok_or_else(|| unknown_benchmark(name))
+}
+
+fn unknown_benchmark(name: &str) -> String {
+    format!("unknown benchmark `{name}` (humaneval or mt-bench)")
 }
 
 /// A benchmark read from its directory (an input of the step, so its digest is in the key).
 pub fn load_benchmark(name: &str, dir: &Path) -> Result<Benchmark, String> {
-    match name {
-        "humaneval" => bench::humaneval(&dir.join("HumanEval.jsonl.gz")),
-        "mt-bench" => bench::mt_bench(dir),
-        other => {
-            return Err(format!(
-                "unknown benchmark `{other}` (humaneval or mt-bench)"
-            ))
-        }
+    bench::load_builtin(name, dir)
+        .ok_or_else(|| unknown_benchmark(name))?
+        .map_err(|e| e.to_string())
+}
+
+/// A dataset's prompts, ids as the file gives them.
+pub fn import_prompts(path: &Path, d: &DatasetInput) -> Result<Vec<Prompt>, String> {
+    match import(path, &super::mapping(d)).map_err(|e| e.to_string())? {
+        Imported::Prompts(v) => Ok(v),
+        other => Err(format!(
+            "{}: holds {:?} records, not prompts",
+            path.display(),
+            other.kind()
+        )),
     }
-    .map_err(|e| e.to_string())
 }
 
 pub fn inputs(p: &ScaleParams) -> Checked {
@@ -249,14 +250,20 @@ pub fn inputs(p: &ScaleParams) -> Checked {
             }
         }
     }
+    let mut items = BTreeMap::new();
     for b in p.decontaminate.iter().chain(&p.eval.benchmarks) {
-        if let Err(e) = load_benchmark(b, &benchmark_dir(b)) {
-            problems.push(format!("benchmark `{b}`: {e}"));
+        match benchmark_dir(b).and_then(|dir| load_benchmark(b, &dir)) {
+            Ok(bench) => {
+                let answers = bench.items.iter().map(|i| i.turns.len()).sum::<usize>();
+                items.insert(b.clone(), answers);
+            }
+            Err(e) => problems.push(format!("benchmark `{b}`: {e}")),
         }
     }
     Checked {
         problems,
         configs,
         rows,
+        items,
     }
 }

@@ -227,10 +227,8 @@ pub fn shared_data() -> PathBuf {
 /// `{"name", "kind", "generation"?, "baseline_name"?, "items": [...]}` or JSONL items with `kind`
 /// given by the caller.
 pub fn load(spec: &str, kind: Option<Kind>) -> Result<Benchmark, EvalError> {
-    match spec {
-        "humaneval" => return humaneval(&shared_data().join("humaneval/HumanEval.jsonl.gz")),
-        "mt-bench" => return mt_bench(&shared_data().join("mt_bench")),
-        _ => {}
+    if let Some(dir) = builtin_dir(spec) {
+        return load_builtin(spec, &dir).expect("a builtin name");
     }
     let path = Path::new(spec);
     if !path.exists() {
@@ -443,6 +441,25 @@ fn item(path: &Path, line: usize, v: &Value, kind: Kind) -> Result<Item, EvalErr
 }
 
 /// HumanEval from its own file (task_id, prompt, canonical_solution, test, entry_point).
+/// The ../shared/data directory of a benchmark known by name (`humaneval`, `mt-bench`).
+pub fn builtin_dir(name: &str) -> Option<PathBuf> {
+    match name {
+        "humaneval" => Some(shared_data().join("humaneval")),
+        "mt-bench" => Some(shared_data().join("mt_bench")),
+        _ => None,
+    }
+}
+
+/// A benchmark known by name read from `dir` (its `builtin_dir`, or a copy such as a recipe
+/// step's input); `None` for a name that is not builtin.
+pub fn load_builtin(name: &str, dir: &Path) -> Option<Result<Benchmark, EvalError>> {
+    match name {
+        "humaneval" => Some(humaneval(&dir.join("HumanEval.jsonl.gz"))),
+        "mt-bench" => Some(mt_bench(dir)),
+        _ => None,
+    }
+}
+
 pub fn humaneval(path: &Path) -> Result<Benchmark, EvalError> {
     let bytes = read_bytes(path)?;
     let digest = blake3::hash(&bytes).to_hex().to_string();
