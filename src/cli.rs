@@ -9,6 +9,8 @@ use fuselab::store::{RecordId, RefName};
 
 /// A step key or a unique prefix of one: 4 to 64 hexadecimal digits, nothing else (it becomes a
 /// file name under `specs/`).
+pub use fuselab::remote::RemoteUrl;
+
 #[derive(Clone, Debug)]
 pub struct KeyPrefix(pub String);
 
@@ -70,6 +72,11 @@ pub enum Command {
     Fsck(JsonFlag),
     /// Execute one step from its spec (used by out-of-process executors).
     ExecStep(ExecStepArgs),
+    /// Send every object and record this store has and a remote lacks (S3 or a shared directory).
+    Push(RemoteArgs),
+    /// Fetch every object and record a remote has and this store lacks; each object is verified
+    /// against its digest, and a corrupt one is refused.
+    Pull(RemoteArgs),
     /// Low-level store operations.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -860,6 +867,39 @@ pub struct ExecStepArgs {
     /// Invocation the step belongs to (recorded in its run record).
     #[arg(long)]
     pub invocation: Option<String>,
+    /// Read the spec and the inputs from this remote, and publish the outputs, run record and
+    /// cache entry to it (a job on a node that shares nothing else with the driver). Needs the
+    /// full key.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<RemoteUrl>,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoteArgs {
+    /// `s3://BUCKET/PREFIX` (endpoint and credentials from the AWS_* variables or ~/.aws) or a
+    /// directory on a shared filesystem (`file:///DIR` or an absolute path).
+    pub remote: RemoteUrl,
+    /// Objects above this many MiB go up as multipart uploads.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub multipart_threshold_mib: u64,
+    /// Multipart part size in MiB (S3 needs at least 5).
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub part_size_mib: usize,
+    /// Transfers at a time.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> fuselab::remote::RemoteOptions {
+        fuselab::remote::RemoteOptions {
+            multipart_threshold: self.multipart_threshold_mib << 20,
+            part_size: self.part_size_mib.max(5) << 20,
+            concurrency: self.concurrency.max(1),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,6 +9,7 @@ pub mod fs;
 pub mod generate;
 pub mod model;
 pub mod recipe;
+pub mod remote;
 pub mod report;
 pub mod reward;
 pub mod sample;

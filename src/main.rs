@@ -32,6 +32,8 @@ fn main() {
         Command::Gc(a) => commands::gc(store, a),
         Command::Fsck(a) => commands::fsck(store, a),
         Command::ExecStep(a) => commands::exec_step(store, a),
+        Command::Push(a) => commands::push(store, a),
+        Command::Pull(a) => commands::pull(store, a),
         Command::Store(c) => commands::store(store, c),
         Command::Model(c) => commands::model(c),
         Command::Train(c) => commands::train(c),

@@ -2,6 +2,7 @@
 //! CLI cannot change, the library's recipe API) on temporary projects and stores.
 
 mod annotate;
+mod cluster;
 mod data;
 mod eval;
 mod fusion;

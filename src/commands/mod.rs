@@ -15,7 +15,7 @@ pub use eval::{compare, eval, report, synth};
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
 pub use run::{exec_step, plan, run, verify};
-pub use store::{fsck, gc, store};
+pub use store::{fsck, gc, pull, push, store};
 pub use train::train;
 
 use std::path::PathBuf;

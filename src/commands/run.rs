@@ -247,7 +247,36 @@ pub fn verify(store_path: &std::path::Path, args: &ExperimentArgs) -> Status {
 }
 
 pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
-    let store = open_store(store_path)?;
+    let Some(url) = &args.remote else {
+        let store = open_store(store_path)?;
+        let (spec, done) = recipe::exec_step(
+            &store,
+            &registry(),
+            &args.key.0,
+            args.force,
+            &project_dir()?,
+            args.invocation.clone(),
+            progress(),
+        )?;
+        print_exec(&spec.key, &spec.step, &done.entry, done.ran);
+        return Ok(0);
+    };
+    // A node that shares only the remote with the driver: its own store (created if empty) is a
+    // cache; the spec and inputs come from the remote, the results go back to it.
+    let key: fuselab::store::Digest = args
+        .key
+        .0
+        .parse()
+        .context("exec-step --remote needs the full 64-digit key")?;
+    let store = create_store(store_path)?;
+    let remote = fuselab::remote::Remote::open(url, Default::default())?;
+    if !args.force {
+        if let Some(entry) = remote.pull_entry(&store, &key)? {
+            print_exec(&key, &entry.step, &entry, false);
+            return Ok(0);
+        }
+    }
+    remote.prepare_step(&store, &key)?;
     let (spec, done) = recipe::exec_step(
         &store,
         &registry(),
@@ -257,12 +286,22 @@ pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
         args.invocation.clone(),
         progress(),
     )?;
-    print_json(&serde_json::json!({
-        "key": spec.key,
-        "step": spec.step,
-        "status": if done.ran { "ran" } else { "cached" },
-        "run_id": done.entry.run_id,
-        "outputs": done.entry.outputs,
-    }));
+    remote.push_entry(&store, &done.entry)?;
+    print_exec(&spec.key, &spec.step, &done.entry, done.ran);
     Ok(0)
+}
+
+fn print_exec(
+    key: &fuselab::store::Digest,
+    step: &str,
+    entry: &recipe::records::CacheEntry,
+    ran: bool,
+) {
+    print_json(&serde_json::json!({
+        "key": key,
+        "step": step,
+        "status": if ran { "ran" } else { "cached" },
+        "run_id": entry.run_id,
+        "outputs": entry.outputs,
+    }));
 }

@@ -1,11 +1,11 @@
-//! `gc`, `fsck` and `store add|hash|cat|checkout`.
+//! `gc`, `fsck`, `push`, `pull` and `store add|hash|cat|checkout`.
 
 use fuselab::recipe::records::Records;
 use fuselab::store::{Ingest, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{create_store, human_bytes, open_store, print_json, Status};
-use crate::cli::{GcArgs, JsonFlag, StoreCommand};
+use crate::cli::{GcArgs, JsonFlag, RemoteArgs, StoreCommand};
 
 pub fn gc(store_path: &std::path::Path, args: &GcArgs) -> Status {
     let store = open_store(store_path)?;
@@ -148,5 +148,57 @@ pub fn store(store_path: &std::path::Path, cmd: &StoreCommand) -> Status {
             eprintln!("checked out {} at {}", d.short(), dest.display());
         }
     }
+    Ok(0)
+}
+
+fn transfer_bar(what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} objects {{elapsed}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+fn print_sync(
+    verb: &str,
+    remote: &fuselab::remote::RemoteUrl,
+    r: &fuselab::remote::SyncReport,
+    json: bool,
+) {
+    if json {
+        print_json(r);
+    } else {
+        println!(
+            "{verb} {remote}: {} objects sent, {} received ({}; {} multipart), {} already there, {} records",
+            r.objects_sent,
+            r.objects_received,
+            human_bytes(r.bytes),
+            r.multipart_uploads,
+            r.objects_already_there,
+            r.records
+        );
+    }
+}
+
+pub fn push(store_path: &std::path::Path, args: &RemoteArgs) -> Status {
+    let store = open_store(store_path)?;
+    let remote = fuselab::remote::Remote::open(&args.remote, args.options())?;
+    let bar = transfer_bar("push");
+    let report = remote.push(&store, &bar)?;
+    bar.finish_and_clear();
+    print_sync("pushed to", &args.remote, &report, args.json);
+    Ok(0)
+}
+
+pub fn pull(store_path: &std::path::Path, args: &RemoteArgs) -> Status {
+    let store = create_store(store_path)?;
+    let remote = fuselab::remote::Remote::open(&args.remote, args.options())?;
+    let bar = transfer_bar("pull");
+    let report = remote.pull(&store, &bar)?;
+    bar.finish_and_clear();
+    print_sync("pulled from", &args.remote, &report, args.json);
     Ok(0)
 }

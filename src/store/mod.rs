@@ -418,8 +418,38 @@ impl Store {
     }
 
     /// True when object `d` is present and its content hashes to its name.
-    fn has_intact(&self, d: &Digest) -> bool {
+    pub fn has_intact(&self, d: &Digest) -> bool {
         self.has(d) && self.verify_object(d).is_ok()
+    }
+
+    /// Install a complete temporary file (in this store's `tmp/`) as object `d` once it hashes to
+    /// `d`; otherwise it is removed and nothing is installed. This is how bytes from elsewhere (a
+    /// remote) enter: their name is a claim until the content is hashed here.
+    pub fn adopt(&self, tmp: &Path, d: &Digest) -> Result<()> {
+        let actual = match Self::hash_file(tmp) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = fs::remove_file(tmp);
+                return Err(e);
+            }
+        };
+        if &actual != d {
+            let _ = fs::remove_file(tmp);
+            return Err(StoreError::Corrupt {
+                digest: *d,
+                path: tmp.to_path_buf(),
+                actual,
+            });
+        }
+        if self.has_intact(d) {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        if let Err(e) = self.install(tmp, d) {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Store bytes; returns their digest.
@@ -952,6 +982,11 @@ impl Store {
         }
     }
 
+    /// Every object present (not verified), sorted.
+    pub fn objects(&self) -> Result<Vec<Digest>> {
+        Ok(self.list_objects()?.0)
+    }
+
     /// Every digest present in objects/, plus files there that are not objects.
     fn list_objects(&self) -> Result<(Vec<Digest>, Vec<PathBuf>)> {
         let mut digests = Vec::new();
@@ -1321,8 +1356,8 @@ impl Store {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RefFile {
-    artifacts: BTreeMap<String, ArtifactRef>,
+pub struct RefFile {
+    pub artifacts: BTreeMap<String, ArtifactRef>,
 }
 
 #[cfg(test)]
