@@ -72,6 +72,10 @@ pub enum Command {
     Fsck(JsonFlag),
     /// Execute one step from its spec (used by out-of-process executors).
     ExecStep(ExecStepArgs),
+    /// Execute one step of a Slurm driver's plan inside a batch job (used by `--executor slurm`).
+    ExecNode(ExecNodeArgs),
+    /// Cancel the Slurm jobs of a `fuselab run --executor slurm` invocation.
+    Cancel(CancelArgs),
     /// Send every object and record this store has and a remote lacks (S3 or a shared directory).
     Push(RemoteArgs),
     /// Fetch every object and record a remote has and this store lacks; each object is verified
@@ -785,6 +789,9 @@ pub enum ExecutorArg {
     InProcess,
     /// Run each step as `fuselab exec-step <key>` in a child process.
     Process,
+    /// Submit each step as a Slurm batch job (`sbatch`, afterok dependencies); the store must be on
+    /// a filesystem the nodes share. Resources per step: `--set slurm.<step>.cpus|mem_mb|gpus|time_min=V`.
+    Slurm,
 }
 
 #[derive(Args, Debug)]
@@ -802,6 +809,18 @@ pub struct RunArgs {
     pub jobs: Option<usize>,
     #[arg(long, value_enum, default_value = "in-process")]
     pub executor: ExecutorArg,
+    /// Slurm partition for every job (`--executor slurm`).
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Slurm account to charge.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Slurm quality of service.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Seconds between polls of the Slurm job states.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub poll: f64,
 }
 
 #[derive(Args, Debug)]
@@ -872,6 +891,21 @@ pub struct ExecStepArgs {
     /// full key.
     #[arg(long, value_name = "URL")]
     pub remote: Option<RemoteUrl>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecNodeArgs {
+    /// The plan digest (a directory under the store's slurm/).
+    pub plan: fuselab::store::Digest,
+    pub step: String,
+    #[arg(long)]
+    pub invocation: Option<RecordId>,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The invocation id `fuselab run --executor slurm` printed.
+    pub invocation: RecordId,
 }
 
 #[derive(Args, Debug)]

@@ -32,6 +32,8 @@ fn main() {
         Command::Gc(a) => commands::gc(store, a),
         Command::Fsck(a) => commands::fsck(store, a),
         Command::ExecStep(a) => commands::exec_step(store, a),
+        Command::ExecNode(a) => commands::exec_node(store, a),
+        Command::Cancel(a) => commands::cancel(store, a),
         Command::Push(a) => commands::push(store, a),
         Command::Pull(a) => commands::pull(store, a),
         Command::Store(c) => commands::store(store, c),

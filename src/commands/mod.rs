@@ -14,7 +14,7 @@ pub use data::{construct, data, sample};
 pub use eval::{compare, eval, report, synth};
 pub use inspect::{diff, lineage, list, show};
 pub use model::model;
-pub use run::{exec_step, plan, run, verify};
+pub use run::{cancel, exec_node, exec_step, plan, run, verify};
 pub use store::{fsck, gc, pull, push, store};
 pub use train::train;
 

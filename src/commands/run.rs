@@ -1,11 +1,15 @@
 //! `run`, `plan`, `verify`, `exec-step`: the commands that execute experiments.
 
+use std::collections::BTreeMap;
+
 use anyhow::Context;
 use fuselab::experiments::registry;
 use fuselab::recipe::{self, ExecutorKind, PlanStatus, RunOptions, StepStatus, VerifyStatus};
 
 use super::{create_store, open_store, print_json, progress, project_dir, Status};
-use crate::cli::{ExecStepArgs, ExecutorArg, ExperimentArgs, PlanArgs, RunArgs};
+use crate::cli::{
+    CancelArgs, ExecNodeArgs, ExecStepArgs, ExecutorArg, ExperimentArgs, PlanArgs, RunArgs,
+};
 
 fn instantiate(args: &ExperimentArgs) -> anyhow::Result<recipe::Experiment> {
     let reg = registry();
@@ -14,8 +18,57 @@ fn instantiate(args: &ExperimentArgs) -> anyhow::Result<recipe::Experiment> {
     Ok(def.instantiate(&params)?)
 }
 
+/// Set by SIGINT / SIGTERM while a Slurm driver waits: it cancels its jobs and stops.
+static CANCEL: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    if let Some(flag) = CANCEL.get() {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Per-step Slurm resource overrides: step (or `default`) -> field -> value.
+type SlurmSets = BTreeMap<String, BTreeMap<String, String>>;
+
+/// `--set slurm.<step>.<field>=<value>` are the Slurm executor's, not the experiment's.
+fn split_slurm_sets(sets: &[String]) -> anyhow::Result<(Vec<String>, SlurmSets)> {
+    let mut rest = Vec::new();
+    let mut slurm = SlurmSets::new();
+    for s in sets {
+        let Some(tail) = s.strip_prefix("slurm.") else {
+            rest.push(s.clone());
+            continue;
+        };
+        let (path, value) = tail
+            .split_once('=')
+            .with_context(|| format!("--set {s}: expected slurm.<step>.<field>=<value>"))?;
+        let (step, field) = path
+            .rsplit_once('.')
+            .with_context(|| format!("--set {s}: expected slurm.<step>.<field>=<value>"))?;
+        slurm
+            .entry(step.to_string())
+            .or_default()
+            .insert(field.to_string(), value.to_string());
+    }
+    Ok((rest, slurm))
+}
+
 pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
-    let exp = instantiate(&args.exp)?;
+    let (sets, slurm_sets) = split_slurm_sets(&args.exp.set)?;
+    let exp = {
+        let reg = registry();
+        let def = recipe::find(&reg, &args.exp.experiment)?;
+        def.instantiate(&def.resolve_params(&sets)?)?
+    };
+    if !slurm_sets.is_empty() && !matches!(args.executor, ExecutorArg::Slurm) {
+        anyhow::bail!("--set slurm.*: only with --executor slurm");
+    }
+    for step in slurm_sets.keys() {
+        if step != "default" {
+            exp.index_of(step)?;
+        }
+    }
     let store = create_store(store_path)?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -27,14 +80,32 @@ pub fn run(store_path: &std::path::Path, args: &RunArgs) -> Status {
         until: args.until.clone(),
         jobs,
         executor: match args.executor {
-            ExecutorArg::InProcess => ExecutorKind::InProcess,
+            ExecutorArg::InProcess | ExecutorArg::Slurm => ExecutorKind::InProcess,
             ExecutorArg::Process => ExecutorKind::Process,
         },
         project: project_dir()?,
         overrides: args.exp.set.clone(),
         progress: progress(),
     };
-    let mut report = recipe::run(&store, &exp, &opts)?;
+    let mut report = if matches!(args.executor, ExecutorArg::Slurm) {
+        let cancel = CANCEL.get_or_init(Default::default).clone();
+        // SAFETY: the handler only stores to an atomic that is initialised before it is installed.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+        let slurm = recipe::slurm::SlurmOptions {
+            partition: args.partition.clone(),
+            account: args.account.clone(),
+            qos: args.qos.clone(),
+            overrides: slurm_sets,
+            poll_s: args.poll,
+            cancel,
+        };
+        recipe::slurm::run(&store, &exp, &opts, &slurm)?
+    } else {
+        recipe::run(&store, &exp, &opts)?
+    };
     if args.exp.json {
         print_json(&report);
     } else {
@@ -304,4 +375,26 @@ fn print_exec(
         "run_id": entry.run_id,
         "outputs": entry.outputs,
     }));
+}
+
+pub fn exec_node(store_path: &std::path::Path, args: &ExecNodeArgs) -> Status {
+    let store = open_store(store_path)?;
+    let (spec, done) = recipe::slurm::exec_node(
+        &store,
+        &registry(),
+        &args.plan,
+        &args.step,
+        &project_dir()?,
+        args.invocation.as_ref().map(|i| i.to_string()),
+        progress(),
+    )?;
+    print_exec(&spec.key, &spec.step, &done.entry, done.ran);
+    Ok(0)
+}
+
+pub fn cancel(store_path: &std::path::Path, args: &CancelArgs) -> Status {
+    let store = open_store(store_path)?;
+    let n = recipe::slurm::cancel_invocation(&store, &args.invocation)?;
+    println!("cancelled {n} job(s) of {}", args.invocation);
+    Ok(0)
 }

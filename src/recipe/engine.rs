@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::ctx::StepCtx;
 use super::key::source_key;
 use super::records::{
-    git_info, CacheEntry, GitInfo, Invocation, InvocationStep, Records, RunRecord, RunStatus,
-    Tools, RECORD_FORMAT,
+    git_info, CacheEntry, GitInfo, Invocation, InvocationStep, JobInfo, Records, RunRecord,
+    RunStatus, Tools, RECORD_FORMAT,
 };
 use super::{
     Body, Determinism, Estimate, Experiment, ExperimentDef, NodeKind, RecipeError, Result,
@@ -47,6 +47,9 @@ pub struct StepReport {
     pub outputs: Option<ArtifactRef>,
     pub duration_s: f64,
     pub error: Option<String>,
+    /// The batch job that ran the step (Slurm executor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,7 +144,7 @@ pub fn log(progress: &MultiProgress, line: &str) {
     }
 }
 
-fn new_id(started: f64, tag: &str) -> String {
+pub(super) fn new_id(started: f64, tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
         "{}-{tag}-{}{}",
@@ -218,7 +221,7 @@ fn invoke_body(
     Err(err)
 }
 
-fn base_record(env: &Env, spec: &StepSpec, run_id: String, started: f64) -> RunRecord {
+pub(super) fn base_record(env: &Env, spec: &StepSpec, run_id: String, started: f64) -> RunRecord {
     RunRecord {
         format: RECORD_FORMAT,
         run_id,
@@ -243,6 +246,7 @@ fn base_record(env: &Env, spec: &StepSpec, run_id: String, started: f64) -> RunR
         duration_s: unix_now() - started,
         executor: String::new(),
         tools: Tools::current(),
+        job: JobInfo::from_slurm_env(),
     }
 }
 
@@ -445,7 +449,7 @@ pub fn exec_step(
     Ok((spec, done))
 }
 
-fn spec_for(exp: &Experiment, idx: usize, inputs: Vec<SpecInput>) -> StepSpec {
+pub(super) fn spec_for(exp: &Experiment, idx: usize, inputs: Vec<SpecInput>) -> StepSpec {
     let node = &exp.nodes[idx];
     let kind = node
         .def
@@ -485,7 +489,7 @@ fn source_path(project: &Path, path: &Path) -> PathBuf {
 }
 
 /// Hash a raw input into the store and record where it came from (once per distinct content).
-fn ingest_source(
+pub(super) fn ingest_source(
     env: &Env,
     exp: &Experiment,
     idx: usize,
@@ -543,7 +547,7 @@ fn ingest_source(
 }
 
 /// Nodes needed to produce `until` (itself and its ancestors), or all nodes.
-fn selection(exp: &Experiment, until: Option<&str>) -> Result<Vec<bool>> {
+pub(super) fn selection(exp: &Experiment, until: Option<&str>) -> Result<Vec<bool>> {
     let Some(name) = until else {
         return Ok(vec![true; exp.nodes.len()]);
     };
@@ -642,6 +646,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                                         outputs: Some(e.outputs.clone()),
                                         duration_s: unix_now() - t0,
                                         error: None,
+                                        job: None,
                                     });
                                     state[i] = State::Done(e.outputs);
                                 }
@@ -673,6 +678,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                                             outputs: Some(e.outputs.clone()),
                                             duration_s: 0.0,
                                             error: None,
+                                            job: None,
                                         });
                                         state[i] = State::Done(e.outputs);
                                         progressed = true;
@@ -734,6 +740,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                         outputs: Some(done.entry.outputs.clone()),
                         duration_s: dt,
                         error: None,
+                        job: None,
                     });
                     state[i] = State::Done(done.entry.outputs);
                 }
@@ -762,12 +769,28 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
             outputs: None,
             duration_s: 0.0,
             error: None,
+            job: None,
         });
         if matches!(state[i], State::Pending) {
             state[i] = State::Skipped;
         }
         steps.push(report);
     }
+    finish_run(&env, exp, opts, invocation, started, steps, failure)
+}
+
+/// Write the invocation summary and, after a complete successful run, the experiment's ref; the
+/// executors' shared ending.
+pub(super) fn finish_run(
+    env: &Env,
+    exp: &Experiment,
+    opts: &RunOptions,
+    invocation: String,
+    started: f64,
+    steps: Vec<StepReport>,
+    failure: Option<RecipeError>,
+) -> Result<RunReport> {
+    let store = &env.store;
     let duration_s = unix_now() - started;
     let inv = Invocation {
         format: RECORD_FORMAT,
@@ -788,6 +811,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                 run_id: s.run_id.clone(),
                 outputs: s.outputs.clone(),
                 duration_s: s.duration_s,
+                job: s.job.clone(),
             })
             .collect(),
     };
@@ -811,7 +835,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
     })
 }
 
-fn failed_report(step: &str, key: Option<Digest>, e: &RecipeError) -> StepReport {
+pub(super) fn failed_report(step: &str, key: Option<Digest>, e: &RecipeError) -> StepReport {
     StepReport {
         step: step.to_string(),
         key,
@@ -820,6 +844,7 @@ fn failed_report(step: &str, key: Option<Digest>, e: &RecipeError) -> StepReport
         outputs: None,
         duration_s: 0.0,
         error: Some(e.to_string()),
+        job: None,
     }
 }
 

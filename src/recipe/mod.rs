@@ -17,6 +17,7 @@ mod key;
 pub mod lineage;
 mod params;
 pub mod records;
+pub mod slurm;
 
 pub use ctx::StepCtx;
 pub use engine::{
@@ -139,6 +140,31 @@ pub struct StepDef {
     pub kind: Option<String>,
     pub determinism: Determinism,
     pub estimate: Option<Estimate>,
+    /// What a batch job for this step asks the workload manager for.
+    pub resources: Resources,
+}
+
+/// A step's request to a workload manager (`--cpus-per-task`, `--mem`, `--gres=gpu:N`, `--time`).
+/// Not part of the key. `fuselab run --executor slurm --set slurm.<step>.<field>=<value>` (or
+/// `slurm.default.<field>`) overrides it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Resources {
+    pub cpus: u32,
+    pub mem_mb: u64,
+    pub gpus: u32,
+    /// Wall-clock limit in minutes (the partition's default when absent).
+    pub time_min: Option<u32>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: 1,
+            mem_mb: 2048,
+            gpus: 0,
+            time_min: None,
+        }
+    }
 }
 
 /// Start a step definition: `exp.step(step("train").version(3).seed(42), ...)`.
@@ -150,6 +176,7 @@ pub fn step(name: &str) -> StepDef {
         kind: None,
         determinism: Determinism::Exact,
         estimate: None,
+        resources: Resources::default(),
     }
 }
 
@@ -172,6 +199,11 @@ impl StepDef {
     /// What the step is expected to cost (shown by `fuselab plan`).
     pub fn estimate(mut self, e: Estimate) -> Self {
         self.estimate = Some(e);
+        self
+    }
+    /// What a batch job for this step needs (see [`Resources`]).
+    pub fn resources(mut self, r: Resources) -> Self {
+        self.resources = r;
         self
     }
     /// Declare that re-execution may give different bytes (e.g. multithreaded float reductions).
@@ -235,7 +267,7 @@ impl Experiment {
         self.nodes.iter().map(|n| n.def.name.clone()).collect()
     }
 
-    pub(crate) fn index_of(&self, name: &str) -> Result<usize> {
+    pub fn index_of(&self, name: &str) -> Result<usize> {
         self.nodes
             .iter()
             .position(|n| n.def.name == name)

@@ -140,6 +140,37 @@ pub struct RunRecord {
     pub duration_s: f64,
     pub executor: String,
     pub tools: Tools,
+    /// The batch job the step ran in (Slurm's SLURM_JOB_ID and node), when it ran in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
+}
+
+/// A workload manager's job, as a run record or an invocation names it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub scheduler: String,
+    pub id: String,
+    pub node: Option<String>,
+    /// The job's final state (`COMPLETED`, `FAILED`, `TIMEOUT`, `OUT_OF_MEMORY`, ...) and exit code,
+    /// known only to the driver, so absent from the record the job writes about itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<String>,
+}
+
+impl JobInfo {
+    /// The Slurm job this process runs in, from the variables slurmd sets.
+    pub fn from_slurm_env() -> Option<JobInfo> {
+        let id = std::env::var("SLURM_JOB_ID").ok()?;
+        Some(JobInfo {
+            scheduler: "slurm".into(),
+            id,
+            node: std::env::var("SLURMD_NODENAME").ok(),
+            state: None,
+            exit_code: None,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +181,8 @@ pub struct InvocationStep {
     pub run_id: Option<String>,
     pub outputs: Option<ArtifactRef>,
     pub duration_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
 }
 
 /// One `fuselab run`.

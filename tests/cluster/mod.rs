@@ -342,3 +342,283 @@ fn a_job_on_a_second_node_reads_its_inputs_from_s3_alone_and_its_result_comes_ba
     assert_eq!(again["status"], "cached", "{again}");
     assert_eq!(again["run_id"], reply["run_id"]);
 }
+
+/// A private single-node Slurm (scripts/slurm.sh) for one test, stopped when dropped.
+pub struct Slurm {
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new("bash")
+            .arg(root.join("scripts/slurm.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+pub fn slurm(scratch: &Path) -> Slurm {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = free_port_block();
+    let dir = scratch.join(format!("slurm-{base}"));
+    let status = Command::new("bash")
+        .arg(root.join("scripts/slurm.sh"))
+        .arg("start")
+        .arg(&dir)
+        .arg(base.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "Slurm did not start (scripts/slurm.sh)");
+    Slurm {
+        conf: dir.join("slurm.conf"),
+        dir,
+    }
+}
+
+impl Slurm {
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    /// (job name, state) of every job this cluster has finished, from `sacct` (the job-completion
+    /// log: this test cluster has no slurmdbd), plus those still queued or running.
+    fn jobs(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let done = run_ok({
+            let mut c = self.cmd("sacct");
+            c.args(["--completion", "-n", "-P", "-o", "JobName,State"]);
+            c
+        });
+        let live = run_ok({
+            let mut c = self.cmd("squeue");
+            c.args(["-h", "-o", "%j|%T"]);
+            c
+        });
+        for line in done.lines().chain(live.lines()) {
+            if let Some((name, state)) = line.split_once('|') {
+                out.push((name.to_string(), state.to_string()));
+            }
+        }
+        out
+    }
+}
+
+fn slurm_run(t: &TestContext, cluster: &Slurm, args: &[&str]) -> Command {
+    let mut c = t.cmd(&["run"]);
+    c.args(args)
+        .args(["--executor", "slurm", "--poll", "0.2", "--json"])
+        .env("SLURM_CONF", &cluster.conf);
+    c
+}
+
+#[test]
+fn fusechat_micro_through_slurm_matches_in_process_and_a_killed_driver_resumes_without_resubmitting(
+) {
+    let reference = TestContext::new();
+    let expected = outputs(&reference.json(&["run", "fusechat-micro"]));
+
+    let t = TestContext::new();
+    let cluster = slurm(t.dir.path());
+    // Start the driver, let it submit and some jobs finish, then kill -9 it.
+    let mut driver = slurm_run(&t, &cluster, &["fusechat-micro"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let finished = cluster
+            .jobs()
+            .iter()
+            .filter(|(_, s)| s == "COMPLETED")
+            .count();
+        if finished >= 6 {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no Slurm job finished within 120 s"
+        );
+        assert!(
+            driver.try_wait().unwrap().is_none(),
+            "the driver ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+    let before = cluster.jobs();
+    assert!(
+        before.iter().any(|(_, s)| s != "COMPLETED"),
+        "every job had finished before the kill; the test proves nothing: {before:?}"
+    );
+
+    // The restarted driver re-attaches and finishes.
+    let out = slurm_run(&t, &cluster, &["fusechat-micro"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        outputs(&report),
+        expected,
+        "Slurm digests differ from the in-process run"
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("attach"), "{log}");
+
+    // Exactly one job per executed step, none resubmitted (sacct counts them).
+    let jobs = cluster.jobs();
+    let mut names: Vec<&String> = jobs.iter().map(|(n, _)| n).collect();
+    names.sort();
+    let unique = names.len();
+    names.dedup();
+    assert_eq!(unique, names.len(), "a step was submitted twice: {jobs:?}");
+    let steps = reference
+        .run_records()
+        .iter()
+        .filter(|r| r["executor"] != "source")
+        .count();
+    assert_eq!(jobs.len(), steps, "{jobs:?}");
+    assert!(jobs.iter().all(|(_, s)| s == "COMPLETED"), "{jobs:?}");
+
+    // Job id, node and exit state are recorded.
+    let recs = t.run_records();
+    let slurm_recs: Vec<&Value> = recs.iter().filter(|r| r["executor"] == "slurm").collect();
+    assert_eq!(slurm_recs.len(), steps);
+    assert!(slurm_recs
+        .iter()
+        .all(|r| r["job"]["id"].is_string() && r["job"]["node"].is_string()));
+    let ran: Vec<&Value> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "ran")
+        .collect();
+    assert!(!ran.is_empty());
+    assert!(
+        ran.iter()
+            .all(|s| s["job"]["state"] == "COMPLETED" && s["job"]["exit_code"] == "0:0"),
+        "{ran:?}"
+    );
+
+    // A rerun submits nothing.
+    let again: Value =
+        serde_json::from_str(&run_ok(slurm_run(&t, &cluster, &["fusechat-micro"]))).unwrap();
+    assert!(crate::util::steps_with(&again, "ran").is_empty());
+    assert_eq!(cluster.jobs().len(), steps);
+}
+
+#[test]
+fn a_failed_slurm_job_fails_its_descendants_with_its_log_and_cancel_stops_the_jobs() {
+    let t = TestContext::new();
+    let cluster = slurm(t.dir.path());
+    let empty = t.project.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    fs::write(empty.join("notes.md"), "no text files here\n").unwrap();
+    let out = slurm_run(&t, &cluster, &["hello", "--set", "corpus=empty"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no .txt files in the corpus"),
+        "the job's log tail is missing: {err}"
+    );
+    assert!(err.contains("ended FAILED"), "{err}");
+    let _ = report;
+    let jobs = cluster.jobs();
+    let cancelled = jobs.iter().filter(|(_, s)| s == "CANCELLED").count();
+    assert!(cancelled >= 3, "descendants were not cancelled: {jobs:?}");
+
+    // Per-step resources reach sbatch, and an unknown field is refused before anything is submitted.
+    let err = t.fails(&[
+        "run",
+        "hello",
+        "--set",
+        "corpus=corpus",
+        "--executor",
+        "slurm",
+        "--set",
+        "slurm.words.colour=red",
+    ]);
+    assert!(err.contains("slurm.words.colour"), "{err}");
+
+    // cancel: a slow run is submitted, its driver dies, `fuselab cancel` stops its jobs.
+    let mut driver = slurm_run(
+        &t,
+        &cluster,
+        &[
+            "hello",
+            "--set",
+            "corpus=corpus",
+            "--set",
+            "delay_ms=60000",
+            "--set",
+            "slurm.default.mem_mb=200",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let inv_dir = t.store.join("slurm/invocations");
+    let earlier: Vec<PathBuf> = fs::read_dir(&inv_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let t0 = std::time::Instant::now();
+    let inv = loop {
+        let found = fs::read_dir(&inv_dir).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                !earlier.contains(p)
+                    && fs::read(p)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+                        .is_some_and(|v| v.len() == 4)
+            })
+        });
+        if let Some(p) = found {
+            break p.file_stem().unwrap().to_string_lossy().into_owned();
+        }
+        assert!(t0.elapsed().as_secs() < 60, "the driver did not submit");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+    let live = |c: &Slurm| {
+        run_ok({
+            let mut q = c.cmd("squeue");
+            q.args(["-h", "-o", "%i"]);
+            q
+        })
+    };
+    assert!(
+        !live(&cluster).trim().is_empty(),
+        "the jobs should outlive the killed driver"
+    );
+    let said = run_ok({
+        let mut c = t.cmd(&["cancel", &inv]);
+        c.env("SLURM_CONF", &cluster.conf);
+        c
+    });
+    assert!(said.contains("cancelled 4 job(s)"), "{said}");
+    let t0 = std::time::Instant::now();
+    while !live(&cluster).trim().is_empty() {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "jobs still queued after cancel"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
