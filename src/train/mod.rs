@@ -3,6 +3,7 @@
 //! gradient accumulation and clipping, checkpoints, and resume that continues bit-identically.
 
 pub mod data;
+pub mod external;
 pub mod objective;
 pub mod optim;
 

@@ -622,3 +622,138 @@ fn a_failed_slurm_job_fails_its_descendants_with_its_log_and_cancel_stops_the_jo
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// `accelerate` of the project's TRL venv (scripts/trl-venv.sh installs it when missing).
+fn trl_accelerate() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/trl-venv.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the TRL venv could not be installed (scripts/trl-venv.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn metrics_losses(store: &Path, digest: &str) -> Vec<f64> {
+    let t = TestContext {
+        dir: tempfile::tempdir().unwrap(),
+        project: store.to_path_buf(),
+        store: store.to_path_buf(),
+    };
+    let dest = t.dir.path().join("out");
+    t.ok(&["store", "checkout", digest, dest.to_str().unwrap()]);
+    fs::read_to_string(dest.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_trl_dpo_step_enters_the_store_with_lineage_and_matches_our_trainer_step_by_step() {
+    let accelerate = trl_accelerate();
+    let t = TestContext::new();
+    // One batch holds every pair, so both trainers see the same rows at every step whatever
+    // order they shuffle in; no warm-up, so the first update moves the policy.
+    let base = format!(
+        "base_model={}/tests/fixtures/hf/llama",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let same = [
+        "--set",
+        &base,
+        "--set",
+        "dpo.train.batch_size=16",
+        "--set",
+        "dpo.train.grad_accum=1",
+        "--set",
+        "dpo.train.warmup_ratio=0",
+        "--set",
+        "dpo.train.epochs=3",
+    ];
+    let ours = t.json(&[&["run", "sft-dpo-demo"][..], &same[..]].concat());
+    let mut c = t.cmd(
+        &[
+            &["run", "sft-dpo-demo", "--set", "dpo.engine=trl", "--json"][..],
+            &same[..],
+        ]
+        .concat(),
+    );
+    c.env("FUSELAB_ACCELERATE", &accelerate);
+    let trl: Value = serde_json::from_str(&run_ok(c)).unwrap();
+    let (a, b) = (outputs(&ours), outputs(&trl));
+    assert_eq!(
+        a["sft"], b["sft"],
+        "both DPO runs start from the same SFT checkpoint"
+    );
+    assert_ne!(a["dpo"], b["dpo"]);
+    let (la, lb) = (
+        metrics_losses(&t.store, &a["dpo"]),
+        metrics_losses(&t.store, &b["dpo"]),
+    );
+    assert_eq!(la.len(), 3);
+    assert_eq!(lb.len(), 3, "{lb:?}");
+    for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+        assert!((x - y).abs() < 1e-4, "step {}: ours {x} vs TRL {y}", i + 1);
+    }
+    assert!(
+        (la[2] - la[0]).abs() > 0.1,
+        "training moved the loss: {la:?}"
+    );
+
+    // The TRL checkpoint is an artifact like any other: lineage back to the data and the SFT model,
+    // the launch files beside it, and our eval step loads it.
+    let lineage = t.ok(&["lineage", &b["dpo"]]);
+    assert!(
+        lineage.contains("sft-dpo-demo/sft") && lineage.contains("sft-dpo-demo/data"),
+        "{lineage}"
+    );
+    let show = t.ok(&["show", &b["dpo"]]);
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "engine.json",
+        "launch/accelerate.yaml",
+        "launch/train.py",
+    ] {
+        assert!(
+            show.contains(f),
+            "{f} missing from the TRL step's outputs:\n{show}"
+        );
+    }
+    assert!(!show.contains("training_args.bin"), "{show}");
+    let eval = trl["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "eval")
+        .unwrap();
+    assert_eq!(eval["status"], "ran");
+
+    // A launcher that cannot start is named, with what to set.
+    let mut c = t.cmd(
+        &[
+            &[
+                "run",
+                "sft-dpo-demo",
+                "--set",
+                "dpo.engine=trl",
+                "--set",
+                "dpo.beta=0.2",
+            ][..],
+            &same[..],
+        ]
+        .concat(),
+    );
+    c.env("FUSELAB_ACCELERATE", "/nonexistent/accelerate");
+    let err = run_fails(c);
+    assert!(err.contains("FUSELAB_ACCELERATE"), "{err}");
+}
