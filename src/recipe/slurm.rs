@@ -483,7 +483,8 @@ pub fn run(
                     continue;
                 }
             }
-            let log = dir.join(format!("{name}.log"));
+            // One log per job (`%j`), so a resubmitted step keeps the failed attempt's log.
+            let log_of = |id: &str| dir.join(format!("{name}-{id}.log"));
             let job_path = dir.join(format!("{name}.job.json"));
             // A job of this plan and step that Slurm still runs, or that finished well, is reused:
             // a restarted driver never submits twice.
@@ -499,6 +500,7 @@ pub fn run(
                             "  attach  {name:<16} job {} ({})",
                             j.job_id, st.state
                         ));
+                        let log = log_of(&j.job_id);
                         state[i] = State::Job { id: j.job_id, log };
                         attached += 1;
                         continue;
@@ -515,7 +517,7 @@ pub fn run(
                 &invocation,
                 r,
                 slurm,
-                &log,
+                &dir.join(format!("{name}-%j.log")),
             );
             let script_path = dir.join(format!("{name}.sbatch"));
             xfs::atomic_write(&store.tmp_dir(), &script_path, script.as_bytes(), true)
@@ -545,6 +547,7 @@ pub fn run(
             xfs::atomic_write(&store.tmp_dir(), &job_path, &bytes, true).at(&job_path)?;
             env.log(format!("  submit  {name:<16} job {id}"));
             submitted += 1;
+            let log = log_of(&id);
             state[i] = State::Job { id, log };
         }
     }
