@@ -49,6 +49,52 @@ pub fn publish(ctx: &StepCtx, model: &Path, metrics: &Path) -> R {
     Ok(())
 }
 
+/// Train on TRL (`train::external`) instead of in process: the same rows, hyperparameters and
+/// initial checkpoint, through `accelerate launch`; its checkpoint and exact per-step losses become
+/// the step's outputs (`metrics.jsonl` as our trainer writes it), with `engine.json` (versions) and
+/// the launch files beside them for audit.
+pub fn trl_train(ctx: &mut StepCtx, job: &crate::train::external::TrlJob) -> R {
+    use crate::train::external::{accelerate_path, run_trl};
+    let dir = ctx.work_dir()?.join("trl");
+    let o = run_trl(job, &dir, &accelerate_path())?;
+    let history: Vec<&Value> = o.state["log_history"]
+        .as_array()
+        .map(|h| h.iter().filter(|e| e.get("loss").is_some()).collect())
+        .unwrap_or_default();
+    let mut lines = Vec::new();
+    for (i, loss) in o.losses.iter().enumerate() {
+        let logged = history.get(i);
+        lines.push(
+            serde_json::json!({"step": i + 1, "loss": loss,
+                   "learning_rate": logged.and_then(|e| e.get("learning_rate")),
+                   "grad_norm": logged.and_then(|e| e.get("grad_norm"))})
+            .to_string(),
+        );
+    }
+    let metrics = dir.join("metrics.jsonl");
+    std::fs::write(&metrics, lines.join("\n") + "\n")?;
+    ctx.metric("first_loss", *o.losses.first().ok_or("TRL ran no step")?);
+    ctx.metric("final_loss", *o.losses.last().expect("not empty"));
+    ctx.metric("steps", o.losses.len() as f64);
+    // TRL's pickled training_args.bin is not a checkpoint file and not reproducible; leave it out.
+    let _ = std::fs::remove_file(o.model.join("training_args.bin"));
+    let engine = serde_json::json!({"engine": "trl", "kind": job.kind,
+        "versions": {"trl": o.state["trl"], "transformers": o.state["transformers"], "torch": o.state["torch"]},
+        "processes": o.state["processes"]});
+    std::fs::write(ctx.out("engine.json")?, serde_json::to_vec_pretty(&engine)?)?;
+    std::fs::create_dir_all(ctx.out("launch")?)?;
+    for f in ["config.json", "accelerate.yaml", "train.py"] {
+        std::fs::copy(dir.join(f), ctx.out("launch")?.join(f))?;
+    }
+    if dir.join("zero3.json").is_file() {
+        std::fs::copy(
+            dir.join("zero3.json"),
+            ctx.out("launch")?.join("zero3.json"),
+        )?;
+    }
+    publish(ctx, &o.model, &metrics)
+}
+
 /// How one eval step answers: who, as what, with how many sequences at once.
 pub struct EvalSpec<'a> {
     pub label: &'a str,

@@ -178,6 +178,8 @@ pub(crate) fn params() -> FusionParams {
                 save_steps: 10,
                 ..train(5e-5, 1, 16, 192)
             },
+            engine: "candle".into(),
+            launch: Default::default(),
         },
         eval: EvalStage {
             max_new_tokens: 64,

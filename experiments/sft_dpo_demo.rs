@@ -13,11 +13,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::experiments::common::{decoder, evaluate_checkpoint, publish, write_jsonl, EvalSpec};
+use crate::experiments::common::{
+    decoder, evaluate_checkpoint, publish, trl_train, write_jsonl, EvalSpec,
+};
 use crate::generate::Rng;
 use crate::model::{parse_device, Checkpoint};
 use crate::recipe::{step, BoxError, Experiment, ExperimentDef, Result, StepCtx};
-use crate::train::external::{accelerate_path, run_trl, Launch, TrlJob};
+use crate::train::external::{Launch, TrlJob};
 use crate::train::{
     evaluate, train, DpoLoss, DpoObjective, Hooks, RunPaths, SftObjective, TrainConfig,
 };
@@ -189,7 +191,19 @@ fn build(exp: &mut Experiment, p: &DemoParams) -> Result<()> {
             );
             match prm.engine.as_str() {
                 "candle" => {}
-                "trl" => return trl_dpo(ctx, &prm, &policy, &data.join("train_pairs.jsonl")),
+                "trl" => {
+                    return trl_train(
+                        ctx,
+                        &TrlJob {
+                            kind: "dpo",
+                            model: &policy,
+                            train: &data.join("train_pairs.jsonl"),
+                            config: &prm.train,
+                            dpo: Some((prm.beta, &prm.loss)),
+                            launch: &prm.launch,
+                        },
+                    )
+                }
                 other => return Err(format!("dpo.engine `{other}`: expected candle or trl").into()),
             }
             let ck = Checkpoint::open(&policy)?;
@@ -297,56 +311,6 @@ fn first_loss(metrics: &std::path::Path) -> Result<f64, BoxError> {
     v["loss"]
         .as_f64()
         .ok_or_else(|| "no loss in metrics.jsonl".into())
-}
-
-/// DPO on TRL: the same rows, hyperparameters and initial checkpoint, through `accelerate launch`;
-/// its checkpoint and per-step losses become this step's outputs, with the launch files beside
-/// them for audit.
-fn trl_dpo(
-    ctx: &mut StepCtx,
-    prm: &DpoParams,
-    policy: &std::path::Path,
-    rows: &std::path::Path,
-) -> Result<(), BoxError> {
-    let dir = ctx.work_dir()?.join("trl");
-    let job = TrlJob {
-        kind: "dpo",
-        model: policy,
-        train: rows,
-        config: &prm.train,
-        dpo: Some((prm.beta, &prm.loss)),
-        launch: &prm.launch,
-    };
-    let o = run_trl(&job, &dir, &accelerate_path())?;
-    let history: Vec<&Value> = o.state["log_history"]
-        .as_array()
-        .map(|h| h.iter().filter(|e| e.get("loss").is_some()).collect())
-        .unwrap_or_default();
-    let mut lines = Vec::new();
-    for (i, loss) in o.losses.iter().enumerate() {
-        let logged = history.get(i);
-        lines.push(
-            json!({"step": i + 1, "loss": loss,
-                   "learning_rate": logged.and_then(|e| e.get("learning_rate")),
-                   "grad_norm": logged.and_then(|e| e.get("grad_norm"))})
-            .to_string(),
-        );
-    }
-    let metrics = dir.join("metrics.jsonl");
-    std::fs::write(&metrics, lines.join("\n") + "\n")?;
-    ctx.metric("first_loss", *o.losses.first().ok_or("TRL ran no step")?);
-    ctx.metric("final_loss", *o.losses.last().expect("not empty"));
-    ctx.metric("steps", o.losses.len() as f64);
-    // TRL's pickled training_args.bin is not a checkpoint file and not reproducible; leave it out.
-    let _ = std::fs::remove_file(o.model.join("training_args.bin"));
-    let engine = json!({"engine": "trl", "versions": {"trl": o.state["trl"], "transformers": o.state["transformers"],
-                        "torch": o.state["torch"]}, "processes": o.state["processes"]});
-    std::fs::write(ctx.out("engine.json")?, serde_json::to_vec_pretty(&engine)?)?;
-    for f in ["config.json", "accelerate.yaml", "train.py"] {
-        std::fs::create_dir_all(ctx.out("launch")?)?;
-        std::fs::copy(dir.join(f), ctx.out("launch")?.join(f))?;
-    }
-    publish(ctx, &o.model, &metrics)
 }
 
 fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {

@@ -94,6 +94,11 @@ pub struct DpoStage {
     /// Share of the pairs held out to pick the better of the last two checkpoints.
     pub eval_fraction: f64,
     pub train: TrainConfig,
+    /// `candle` (in process) or `trl` (TRL's DPOTrainer through `accelerate launch`, ZeRO-3 on
+    /// clusters; the final model, no held-out pick).
+    pub engine: String,
+    /// How the TRL engine launches (processes, ZeRO-3, CPU, bf16).
+    pub launch: crate::train::external::Launch,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

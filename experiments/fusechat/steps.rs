@@ -576,6 +576,23 @@ pub fn dpo(ctx: &mut StepCtx) -> R {
     write_jsonl(&work.join("eval.jsonl"), &ev)?;
     ctx.metric("pairs/train", tr.len() as f64);
     ctx.metric("pairs/eval", ev.len() as f64);
+    match p.engine.as_str() {
+        "candle" => {}
+        "trl" => {
+            return crate::experiments::common::trl_train(
+                ctx,
+                &crate::train::external::TrlJob {
+                    kind: "dpo",
+                    model: &policy,
+                    train: &work.join("train.jsonl"),
+                    config: &p.train,
+                    dpo: Some((p.beta, &p.loss)),
+                    launch: &p.launch,
+                },
+            )
+        }
+        other => return Err(format!("dpo.engine `{other}`: expected candle or trl").into()),
+    }
     let ck = Checkpoint::open(&policy)?;
     let reference = decoder(&policy, &device)?;
     let load = |f: &Path| -> Result<DpoObjective, BoxError> {

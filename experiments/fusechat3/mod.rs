@@ -310,6 +310,14 @@ fn defaults(t: &Target) -> ScaleParams {
                 compute_dtype: "bf16".into(),
                 ..Default::default()
             },
+            // `--set dpo.engine=trl` trains on TRL as the paper did: 8 GPUs, ZeRO-3, bf16.
+            engine: "candle".into(),
+            launch: crate::train::external::Launch {
+                processes: 8,
+                zero3: true,
+                cpu: false,
+                bf16: true,
+            },
         },
         eval: ScaleEval {
             benchmarks: vec!["humaneval".into()],

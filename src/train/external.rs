@@ -288,3 +288,81 @@ pub fn accelerate_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("accelerate"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero3_launch_writes_a_deepspeed_stage3_config_and_cpu_launch_does_not() {
+        let gpu = Launch {
+            processes: 8,
+            zero3: true,
+            cpu: false,
+            bf16: true,
+        };
+        let (yaml, ds) = accelerate_config(&gpu, Path::new("/w"));
+        assert!(yaml.contains("num_processes: 8") && yaml.contains("distributed_type: DEEPSPEED"));
+        assert!(yaml.contains("deepspeed_config_file: /w/zero3.json"));
+        assert!(yaml.contains("mixed_precision: 'bf16'"));
+        let ds = ds.expect("a DeepSpeed config");
+        assert_eq!(ds["zero_optimization"]["stage"], 3);
+        assert_eq!(ds["gradient_accumulation_steps"], "auto");
+        let (yaml, ds) = accelerate_config(&Launch::default(), Path::new("/w"));
+        assert!(
+            ds.is_none()
+                && yaml.contains("use_cpu: true")
+                && yaml.contains("mixed_precision: 'no'")
+        );
+    }
+
+    #[test]
+    fn our_losses_map_to_trl_loss_types_and_wrpo_is_refused() {
+        let cfg = TrainConfig {
+            lr: 5e-7,
+            epochs: 1,
+            batch_size: 8,
+            grad_accum: 16,
+            max_len: 2048,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            adamw: Default::default(),
+            seed: 42,
+            save_steps: 0,
+            keep_last: 1,
+            compute_dtype: "bf16".into(),
+        };
+        let launch = Launch::default();
+        let job = |loss: &DpoLoss| {
+            trl_args(&TrlJob {
+                kind: "dpo",
+                model: Path::new("m"),
+                train: Path::new("t"),
+                config: &cfg,
+                dpo: Some((10.0, loss)),
+                launch: &launch,
+            })
+        };
+        let a = job(&DpoLoss::LnDpo).unwrap();
+        assert_eq!(a["loss_type"], "sigmoid_norm");
+        assert_eq!(a["beta"], 10.0);
+        assert_eq!(a["learning_rate"], 5e-7);
+        assert_eq!(a["per_device_train_batch_size"], 8);
+        assert_eq!(a["gradient_accumulation_steps"], 16);
+        assert_eq!(a["warmup_steps"], 0.1);
+        let a = job(&DpoLoss::Sigmoid {
+            label_smoothing: 0.1,
+        })
+        .unwrap();
+        assert_eq!(
+            (a["loss_type"].as_str(), a["label_smoothing"].as_f64()),
+            (Some("sigmoid"), Some(0.1))
+        );
+        let wrpo = DpoLoss::Wrpo {
+            alpha: 0.1,
+            dynamic: true,
+            label_smoothing: 0.0,
+        };
+        assert!(matches!(job(&wrpo), Err(ExternalError::Unsupported(_))));
+    }
+}

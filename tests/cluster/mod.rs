@@ -624,7 +624,7 @@ fn a_failed_slurm_job_fails_its_descendants_with_its_log_and_cancel_stops_the_jo
 }
 
 /// `accelerate` of the project's TRL venv (scripts/trl-venv.sh installs it when missing).
-fn trl_accelerate() -> String {
+pub fn trl_accelerate() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(root.join("scripts/trl-venv.sh"))

@@ -300,4 +300,52 @@ fn a_full_scale_recipe_runs_end_to_end_on_fixture_checkpoints() {
     // A second run executes nothing.
     let again = t.json(&args);
     assert!(crate::util::steps_with(&again, "ran").is_empty());
+
+    // The DPO step on TRL instead (on the CPU here; the recipe's default launch is 8 GPUs with
+    // ZeRO-3): only it re-executes, with the recipe's beta and loss in TRL's config.
+    let accelerate = crate::cluster::trl_accelerate();
+    args.extend([
+        "--set",
+        "dpo.engine=trl",
+        "--set",
+        r#"dpo.launch={"processes":1,"zero3":false,"cpu":true,"bf16":false}"#,
+        "--json",
+    ]);
+    let mut c = t.cmd(&args);
+    c.env("FUSELAB_ACCELERATE", &accelerate);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trl: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        crate::util::steps_with(&trl, "ran"),
+        vec!["dpo".to_string()]
+    );
+    let dpo = crate::util::outputs(&trl)["dpo"].clone();
+    let dest = d.join("trl-dpo");
+    t.ok(&["store", "checkout", &dpo, dest.to_str().unwrap()]);
+    let cfg: Value =
+        serde_json::from_slice(&fs::read(dest.join("launch/config.json")).unwrap()).unwrap();
+    let run_id = trl["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "dpo")
+        .unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let record = t.json(&["show", &run_id]);
+    let dpo_params = &record["params"]["dpo"];
+    assert_eq!(cfg["args"]["beta"], dpo_params["beta"]);
+    let ln = dpo_params["loss"]["type"] == "ln_dpo";
+    assert_eq!(
+        cfg["args"]["loss_type"],
+        if ln { "sigmoid_norm" } else { "sigmoid" },
+        "{cfg:#} vs {dpo_params:#}"
+    );
+    assert!(dest.join("model.safetensors").is_file() && dest.join("engine.json").is_file());
 }
