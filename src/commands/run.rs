@@ -318,36 +318,32 @@ pub fn verify(store_path: &std::path::Path, args: &ExperimentArgs) -> Status {
 }
 
 pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
-    let Some(url) = &args.remote else {
-        let store = open_store(store_path)?;
-        let (spec, done) = recipe::exec_step(
-            &store,
-            &registry(),
-            &args.key.0,
-            args.force,
-            &project_dir()?,
-            args.invocation.clone(),
-            progress(),
-        )?;
-        print_exec(&spec.key, &spec.step, &done.entry, done.ran);
-        return Ok(0);
-    };
-    // A node that shares only the remote with the driver: its own store (created if empty) is a
-    // cache; the spec and inputs come from the remote, the results go back to it.
-    let key: fuselab::store::Digest = args
-        .key
-        .0
-        .parse()
-        .context("exec-step --remote needs the full 64-digit key")?;
-    let store = create_store(store_path)?;
-    let remote = fuselab::remote::Remote::open(url, Default::default())?;
-    if !args.force {
-        if let Some(entry) = remote.pull_entry(&store, &key)? {
-            print_exec(&key, &entry.step, &entry, false);
-            return Ok(0);
+    // With --remote, a node that shares only the remote with the driver: its own store (created if
+    // empty) is a cache; the spec and inputs come from the remote, the results go back to it.
+    let remote = match &args.remote {
+        None => None,
+        Some(url) => {
+            let key: fuselab::store::Digest = args
+                .key
+                .0
+                .parse()
+                .context("exec-step --remote needs the full 64-digit key")?;
+            Some((key, fuselab::remote::Remote::open(url, Default::default())?))
         }
+    };
+    let store = match &remote {
+        None => open_store(store_path)?,
+        Some(_) => create_store(store_path)?,
+    };
+    if let Some((key, r)) = &remote {
+        if !args.force {
+            if let Some(entry) = r.pull_entry(&store, key)? {
+                print_exec(key, &entry.step, &entry, false);
+                return Ok(0);
+            }
+        }
+        r.prepare_step(&store, key)?;
     }
-    remote.prepare_step(&store, &key)?;
     let (spec, done) = recipe::exec_step(
         &store,
         &registry(),
@@ -357,7 +353,9 @@ pub fn exec_step(store_path: &std::path::Path, args: &ExecStepArgs) -> Status {
         args.invocation.clone(),
         progress(),
     )?;
-    remote.push_entry(&store, &done.entry)?;
+    if let Some((_, r)) = &remote {
+        r.push_entry(&store, &done.entry)?;
+    }
     print_exec(&spec.key, &spec.step, &done.entry, done.ran);
     Ok(0)
 }

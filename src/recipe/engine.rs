@@ -634,20 +634,7 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
                             let t0 = unix_now();
                             match ingest_source(&env, exp, i, path) {
                                 Ok((e, new)) => {
-                                    reports[i] = Some(StepReport {
-                                        step: node.def.name.clone(),
-                                        key: Some(e.key),
-                                        status: if new {
-                                            StepStatus::Ran
-                                        } else {
-                                            StepStatus::Cached
-                                        },
-                                        run_id: Some(e.run_id),
-                                        outputs: Some(e.outputs.clone()),
-                                        duration_s: unix_now() - t0,
-                                        error: None,
-                                        job: None,
-                                    });
+                                    reports[i] = Some(source_report(&node.def.name, &e, new, t0));
                                     state[i] = State::Done(e.outputs);
                                 }
                                 Err(e) => {
@@ -833,6 +820,24 @@ pub(super) fn finish_run(
         error: failure.as_ref().map(|e| e.to_string()),
         failure,
     })
+}
+
+/// The report of a raw input: `ran` the first time its content was seen, else `cached`.
+pub(super) fn source_report(name: &str, e: &CacheEntry, new: bool, t0: f64) -> StepReport {
+    StepReport {
+        step: name.to_string(),
+        key: Some(e.key),
+        status: if new {
+            StepStatus::Ran
+        } else {
+            StepStatus::Cached
+        },
+        run_id: Some(e.run_id.clone()),
+        outputs: Some(e.outputs.clone()),
+        duration_s: unix_now() - t0,
+        error: None,
+        job: None,
+    }
 }
 
 pub(super) fn failed_report(step: &str, key: Option<Digest>, e: &RecipeError) -> StepReport {

@@ -21,8 +21,8 @@ use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
 
 use super::engine::{
-    execute_locked, failed_report, finish_run, ingest_source, new_id, selection, spec_for, Env,
-    Executed, RunOptions, RunReport, StepReport, StepStatus,
+    execute_locked, failed_report, finish_run, ingest_source, new_id, selection, source_report,
+    spec_for, Env, Executed, RunOptions, RunReport, StepReport, StepStatus,
 };
 use super::records::JobInfo;
 use super::{ExperimentDef, NodeKind, RecipeError, Resources, Result, SpecInput, StepSpec};
@@ -400,20 +400,7 @@ pub fn run(
             match ingest_source(&env, exp, i, path) {
                 Ok((e, new)) => {
                     sources.insert(exp.nodes[i].def.name.clone(), e.outputs.clone());
-                    reports[i] = Some(StepReport {
-                        step: exp.nodes[i].def.name.clone(),
-                        key: Some(e.key),
-                        status: if new {
-                            StepStatus::Ran
-                        } else {
-                            StepStatus::Cached
-                        },
-                        run_id: Some(e.run_id),
-                        outputs: Some(e.outputs.clone()),
-                        duration_s: unix_now() - t0,
-                        error: None,
-                        job: None,
-                    });
+                    reports[i] = Some(source_report(&exp.nodes[i].def.name, &e, new, t0));
                     state[i] = State::Done(e.outputs);
                 }
                 Err(e) => {

@@ -425,11 +425,15 @@ fn fusechat_micro_through_slurm_matches_in_process_and_a_killed_driver_resumes_w
     let t = TestContext::new();
     let cluster = slurm(t.dir.path());
     // Start the driver, let it submit and some jobs finish, then kill -9 it.
-    let mut driver = slurm_run(&t, &cluster, &["fusechat-micro"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut driver = slurm_run(
+        &t,
+        &cluster,
+        &["fusechat-micro", "--set", "slurm.sft.gpus=1"],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let t0 = std::time::Instant::now();
     loop {
         let finished = cluster
@@ -459,9 +463,13 @@ fn fusechat_micro_through_slurm_matches_in_process_and_a_killed_driver_resumes_w
     );
 
     // The restarted driver re-attaches and finishes.
-    let out = slurm_run(&t, &cluster, &["fusechat-micro"])
-        .output()
-        .unwrap();
+    let out = slurm_run(
+        &t,
+        &cluster,
+        &["fusechat-micro", "--set", "slurm.sft.gpus=1"],
+    )
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -511,9 +519,23 @@ fn fusechat_micro_through_slurm_matches_in_process_and_a_killed_driver_resumes_w
         "{ran:?}"
     );
 
+    // The SFT job asked for one of the node's two (fake) GPUs through gres.
+    let sbatch = fs::read_dir(t.store.join("slurm"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("sft.sbatch"))
+        .find(|p| p.is_file())
+        .unwrap();
+    let script = fs::read_to_string(sbatch).unwrap();
+    assert!(script.contains("#SBATCH --gres=gpu:1"), "{script}");
+    assert!(script.contains(" exec-node "), "{script}");
+
     // A rerun submits nothing.
-    let again: Value =
-        serde_json::from_str(&run_ok(slurm_run(&t, &cluster, &["fusechat-micro"]))).unwrap();
+    let again: Value = serde_json::from_str(&run_ok(slurm_run(
+        &t,
+        &cluster,
+        &["fusechat-micro", "--set", "slurm.sft.gpus=1"],
+    )))
+    .unwrap();
     assert!(crate::util::steps_with(&again, "ran").is_empty());
     assert_eq!(cluster.jobs().len(), steps);
 }
@@ -553,6 +575,28 @@ fn a_failed_slurm_job_fails_its_descendants_with_its_log_and_cancel_stops_the_jo
         "slurm.words.colour=red",
     ]);
     assert!(err.contains("slurm.words.colour"), "{err}");
+
+    // More GPUs than the node has: sbatch refuses, and the error says so.
+    let out = slurm_run(
+        &t,
+        &cluster,
+        &[
+            "hello",
+            "--set",
+            "corpus=corpus",
+            "--set",
+            "slurm.words.gpus=3",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sbatch"), "{err}");
+    assert!(
+        err.to_lowercase().contains("node configuration") || err.contains("gres"),
+        "{err}"
+    );
 
     // cancel: a slow run is submitted, its driver dies, `fuselab cancel` stops its jobs.
     let mut driver = slurm_run(
