@@ -9,6 +9,10 @@ run experiment *args:
 test:
     cargo test --release
 
+# Only the scale-out tests: a private Slurm, SeaweedFS's S3 and TRL, each started by scripts/ (also part of `just test`).
+test-cluster:
+    cargo test --release --test cli cluster::
+
 # Long tests kept out of the default run (#[ignore]).
 test-long:
     cargo test --release -- --ignored

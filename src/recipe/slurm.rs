@@ -565,6 +565,11 @@ pub fn run(
 
     // Wait: resolve finished jobs in DAG order, so a job's outputs are read after its parents'.
     let t_wait = unix_now();
+    // When each job was first not found by scontrol or sacct (a cluster without accounting
+    // forgets finished jobs after MinJobAge): past UNKNOWN_AFTER_S the step fails instead of
+    // being waited for forever.
+    const UNKNOWN_AFTER_S: f64 = 300.0;
+    let mut unknown_since: Vec<Option<f64>> = vec![None; n];
     loop {
         if slurm.cancel.load(Ordering::SeqCst) {
             cancel_jobs(&ours);
@@ -586,7 +591,22 @@ pub fn run(
             };
             let name = exp.nodes[i].def.name.clone();
             let Some(st) = job_status(&id) else {
-                waiting += 1;
+                let since = *unknown_since[i].get_or_insert_with(unix_now);
+                if unix_now() - since < UNKNOWN_AFTER_S {
+                    waiting += 1;
+                    continue;
+                }
+                let e = slurm_err(
+                    &name,
+                    format!(
+                        "job {id} is unknown to scontrol and sacct for {UNKNOWN_AFTER_S:.0} s \
+                         (no accounting storage, and slurmctld forgot it); its log: {}",
+                        log.display()
+                    ),
+                );
+                reports[i] = Some(failed_report(&name, None, &e));
+                state[i] = State::Failed;
+                failure.get_or_insert(e);
                 continue;
             };
             if st.live() {
