@@ -572,8 +572,9 @@ enum State {
     Skipped,
 }
 
-/// Execute an experiment: reuse what is cached, run the rest (independent steps in parallel).
-pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunReport> {
+/// What every executor checks before it runs anything: inputs ready, forced steps known; returns
+/// the selected nodes (`--until`).
+pub(super) fn checked_selection(exp: &Experiment, opts: &RunOptions) -> Result<Vec<bool>> {
     if !exp.problems.is_empty() {
         return Err(RecipeError::InputsNotReady {
             experiment: exp.name.clone(),
@@ -583,7 +584,12 @@ pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunRepo
     for f in &opts.force {
         exp.index_of(f)?;
     }
-    let selected = selection(exp, opts.until.as_deref())?;
+    selection(exp, opts.until.as_deref())
+}
+
+/// Execute an experiment: reuse what is cached, run the rest (independent steps in parallel).
+pub fn run(store: &Store, exp: &Experiment, opts: &RunOptions) -> Result<RunReport> {
+    let selected = checked_selection(exp, opts)?;
     let _lock = store.lock_shared()?;
     let started = unix_now();
     let invocation = new_id(started, "inv");

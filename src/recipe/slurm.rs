@@ -21,8 +21,8 @@ use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
 
 use super::engine::{
-    execute_locked, failed_report, finish_run, ingest_source, new_id, selection, source_report,
-    spec_for, Env, Executed, RunOptions, RunReport, StepReport, StepStatus,
+    checked_selection, execute_locked, failed_report, finish_run, ingest_source, new_id, selection,
+    source_report, spec_for, Env, Executed, RunOptions, RunReport, StepReport, StepStatus,
 };
 use super::records::JobInfo;
 use super::{ExperimentDef, NodeKind, RecipeError, Resources, Result, SpecInput, StepSpec};
@@ -360,16 +360,7 @@ pub fn run(
     opts: &RunOptions,
     slurm: &SlurmOptions,
 ) -> Result<RunReport> {
-    if !exp.problems.is_empty() {
-        return Err(RecipeError::InputsNotReady {
-            experiment: exp.name.clone(),
-            problems: exp.problems.clone(),
-        });
-    }
-    for f in &opts.force {
-        exp.index_of(f)?;
-    }
-    let selected = selection(exp, opts.until.as_deref())?;
+    let selected = checked_selection(exp, opts)?;
     // Every override is checked before anything is submitted.
     let mut resources = Vec::new();
     for node in &exp.nodes {
