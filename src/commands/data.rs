@@ -406,7 +406,8 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
     let summary = serde_json::json!({
         "out": a.out, "source": spec.name, "samples": samples.len(), "chunks": stats.chunks,
         "chunks_resumed": stats.chunks_resumed, "generated_tokens": stats.generated_tokens,
-        "prefill_tokens": stats.prefill_tokens, "seconds": secs,
+        "prefill_tokens": stats.prefill_tokens, "shared_prefix_tokens": stats.shared_prefix_tokens,
+        "seconds": secs,
         "tokens_per_s": stats.generated_tokens as f64 / secs.max(1e-9),
     });
     if a.json {

@@ -227,12 +227,9 @@ pub fn generate(
     // Never decode past the context length (finish reason `length`).
     let budget = params.max_new_tokens.min(context - width);
     for _ in 0..budget {
-        let logits = model.forward(&step_ids, &mask, Some(&mut cache))?;
-        let t = step_ids[0].len();
+        let logits = model.last_logits(&step_ids, &mask, Some(&mut cache))?;
         let last: Vec<Vec<f32>> = logits
-            .narrow(1, t - 1, 1)
-            .and_then(|x| x.squeeze(1))
-            .and_then(|x| x.to_dtype(DType::F32))
+            .to_dtype(DType::F32)
             .and_then(|x| x.to_vec2())
             .ctx(|| "reading logits".into())?;
         let mut next = Vec::with_capacity(b);

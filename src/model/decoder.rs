@@ -380,13 +380,22 @@ impl Decoder {
         let (b, k) = (attn.len(), attn[0].len());
         let mut m = Vec::with_capacity(b * q * k);
         for row in attn {
+            // The window counts real tokens, not columns: a row may hold padding between a
+            // shared prompt prefix and its own rest.
+            let real: Vec<usize> = row
+                .iter()
+                .scan(0usize, |c, &m| {
+                    *c += (m != 0) as usize;
+                    Some(*c)
+                })
+                .collect();
             for i in 0..q {
                 let qi = k - q + i;
                 for (j, &keep) in row.iter().enumerate() {
                     let ok = keep != 0
                         && keep == row[qi]
                         && j <= qi
-                        && window.is_none_or(|w| qi - j < w);
+                        && window.is_none_or(|w| real[qi] - real[j] < w);
                     m.push(if ok { 0.0f32 } else { f32::MIN });
                 }
             }
@@ -407,6 +416,23 @@ impl Decoder {
     ) -> Res<Tensor> {
         let h = self.hidden(ids, attn, cache)?;
         self.head(&h).ctx(|| "language-model head".into())
+    }
+
+    /// Logits `[b, vocab]` of each row's last position only, as [`Decoder::forward`] would give
+    /// at `t - 1`: generation needs no other, and a prefill of long prompts spends a large share of
+    /// its time in the language-model head otherwise (transformers' `logits_to_keep=1`).
+    pub fn last_logits(
+        &self,
+        ids: &[Vec<u32>],
+        attn: &[Vec<u8>],
+        cache: Option<&mut KvCache>,
+    ) -> Res<Tensor> {
+        let h = self.hidden(ids, attn, cache)?;
+        let t = h.dim(1).ctx(|| "hidden states".into())?;
+        h.narrow(1, t - 1, 1)
+            .and_then(|x| x.squeeze(1))
+            .and_then(|x| self.head(&x))
+            .ctx(|| "language-model head".into())
     }
 
     /// Final hidden states `[b, t, hidden]` (after the last norm); see [`Decoder::forward`].

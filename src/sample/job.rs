@@ -70,6 +70,7 @@ pub struct JobStats {
     pub chunks_resumed: usize,
     pub samples: u64,
     pub prefill_tokens: u64,
+    pub shared_prefix_tokens: u64,
     pub generated_tokens: u64,
 }
 
@@ -233,6 +234,7 @@ pub fn run(
                     write_chunk(&names[i], &rows)?;
                     let mut t = totals.lock().expect("lock");
                     t.prefill_tokens += stats.prefill_tokens;
+                    t.shared_prefix_tokens += stats.shared_prefix_tokens;
                     t.generated_tokens += stats.generated_tokens;
                     Ok(())
                 });

@@ -70,17 +70,17 @@ struct Prefix {
 /// Statistics of one call, for the run record.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
+    /// Prompt tokens run through the model (a shared prefix once).
     pub prefill_tokens: u64,
+    /// Prompt tokens not recomputed because another prompt of their batch had the same prefix.
+    pub shared_prefix_tokens: u64,
     pub generated_tokens: u64,
     pub decode_steps: u64,
 }
 
-fn last_logits(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
-    let t = logits.dim(1).ctx(|| "logits".into())?;
+fn logit_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
     logits
-        .narrow(1, t - 1, 1)
-        .and_then(|x| x.squeeze(1))
-        .and_then(|x| x.to_dtype(DType::F32))
+        .to_dtype(DType::F32)
         .and_then(|x| x.to_vec2())
         .ctx(|| "reading logits".into())
 }
@@ -168,36 +168,49 @@ pub fn sample(
                 if group.is_empty() {
                     break;
                 }
-                let width = group
+                // Prompts that open alike (a chat template's system prompt, a few-shot preamble)
+                // have that prefix prefilled once, its cache copied into every row; each row
+                // then holds [shared prefix][left padding][its own rest].
+                let prompts: Vec<&[u32]> = group
                     .iter()
-                    .map(|&r| requests[r].tokens.len())
-                    .max()
-                    .unwrap_or(0);
-                let ids: Vec<Vec<u32>> = group
+                    .map(|&r| requests[r].tokens.as_slice())
+                    .collect();
+                let shared = shared_prefix(&prompts);
+                let mut gc = KvCache::new();
+                if shared > 0 {
+                    model.hidden(
+                        &[prompts[0][..shared].to_vec()],
+                        &[vec![1u8; shared]],
+                        Some(&mut gc),
+                    )?;
+                    gc = gc
+                        .repeat_row(prompts.len())
+                        .ctx(|| "copying a shared prefix".into())?;
+                    stats.shared_prefix_tokens += (shared * (prompts.len() - 1)) as u64;
+                }
+                let width = prompts.iter().map(|t| t.len() - shared).max().unwrap_or(0);
+                let ids: Vec<Vec<u32>> = prompts
                     .iter()
-                    .map(|&r| {
-                        let t = &requests[r].tokens;
-                        std::iter::repeat_n(0u32, width - t.len())
-                            .chain(t.iter().copied())
+                    .map(|t| {
+                        std::iter::repeat_n(0u32, width - (t.len() - shared))
+                            .chain(t[shared..].iter().copied())
                             .collect()
                     })
                     .collect();
-                let masks: Vec<Vec<u8>> = group
+                let masks: Vec<Vec<u8>> = prompts
                     .iter()
-                    .map(|&r| {
-                        let l = requests[r].tokens.len();
-                        std::iter::repeat_n(0u8, width - l)
+                    .map(|t| {
+                        let l = t.len() - shared;
+                        std::iter::repeat_n(1u8, shared)
+                            .chain(std::iter::repeat_n(0u8, width - l))
                             .chain(std::iter::repeat_n(1u8, l))
                             .collect()
                     })
                     .collect();
-                let mut gc = KvCache::new();
-                let logits = model.forward(&ids, &masks, Some(&mut gc))?;
-                stats.prefill_tokens += group
-                    .iter()
-                    .map(|&r| requests[r].tokens.len() as u64)
-                    .sum::<u64>();
-                let last = last_logits(&logits)?;
+                let logits = model.last_logits(&ids, &masks, Some(&mut gc))?;
+                stats.prefill_tokens +=
+                    (shared + prompts.iter().map(|t| t.len() - shared).sum::<usize>()) as u64;
+                let last = logit_rows(&logits)?;
                 let mut rows = Vec::new();
                 let mut left = free;
                 for (gi, (&r, row)) in group.iter().zip(last).enumerate() {
@@ -257,9 +270,9 @@ pub fn sample(
             s.mask.push(1);
         }
         let masks: Vec<Vec<u8>> = active.iter().map(|s| s.mask.clone()).collect();
-        let logits = model.forward(&ids, &masks, Some(&mut cache))?;
+        let logits = model.last_logits(&ids, &masks, Some(&mut cache))?;
         stats.decode_steps += 1;
-        let rows = last_logits(&logits)?;
+        let rows = logit_rows(&logits)?;
         let mut keep = Vec::with_capacity(active.len());
         let mut still = Vec::with_capacity(active.len());
         for (i, (mut s, mut row)) in active.drain(..).zip(rows).enumerate() {
@@ -307,6 +320,30 @@ pub fn sample(
     done.sort_by_key(|a| (a.request, a.sample_index));
     on_done(done.len() as u64, stats.generated_tokens);
     Ok((done, stats))
+}
+
+/// Below this many tokens a shared prefix is not worth its own forward pass.
+const MIN_SHARED_PREFIX: usize = 8;
+
+/// The length of the prefix every prompt of a batch of two or more starts with, leaving each at
+/// least one token of its own (its last logits come from the batched pass); 0 when shorter than
+/// [`MIN_SHARED_PREFIX`].
+fn shared_prefix(prompts: &[&[u32]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let cap = prompts.iter().map(|t| t.len() - 1).min().unwrap_or(0);
+    let n = (0..cap)
+        .take_while(|&i| rest.iter().all(|t| t[i] == first[i]))
+        .count();
+    if n >= MIN_SHARED_PREFIX {
+        n
+    } else {
+        0
+    }
 }
 
 /// A new sequence for sample `index` of request `r`, its first token picked from the prompt's last

@@ -86,6 +86,62 @@ fn greedy_continuous_batching_equals_one_prompt_at_a_time() {
     }
 }
 
+/// Prompts opening with the same 12 tokens (a system prompt), then 1 to 7 of their own.
+fn requests_sharing_a_prefix() -> Vec<Request> {
+    let prefix: Vec<u32> = (0..12).map(|t| (5 * t + 3) % 90 + 2).collect();
+    (0..6)
+        .map(|i| Request {
+            prompt_id: format!("s{i}"),
+            tokens: prefix
+                .iter()
+                .copied()
+                .chain((0..1 + i as u32).map(|t| (13 * t + 17 * i as u32 + 4) % 90 + 2))
+                .collect(),
+            n: [1, 2, 1, 3, 1, 2][i],
+        })
+        .collect()
+}
+
+#[test]
+fn a_shared_prefix_is_prefilled_once_and_changes_no_answer() {
+    for fam in ["llama", "mistral", "gemma2"] {
+        let (_, dec) = decoder(fam);
+        let reqs = requests_sharing_a_prefix();
+        let all: u64 = reqs.iter().map(|r| r.tokens.len() as u64).sum();
+        let greedy = SamplingParams {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        // 16 slots: the six prompts are prefilled in one batch, the 12 shared tokens once.
+        let (got, stats) = run(&dec, &reqs, &greedy, 16);
+        assert_eq!(stats.shared_prefix_tokens, 12 * 5, "{fam}");
+        assert_eq!(stats.prefill_tokens, all - 12 * 5, "{fam}");
+        for a in &got {
+            let want = generate(
+                &dec,
+                std::slice::from_ref(&reqs[a.request].tokens),
+                &greedy,
+                &|_| String::new(),
+            )
+            .unwrap()
+            .pop()
+            .unwrap();
+            assert_eq!(a.tokens, want.tokens, "{fam} request {}", a.request);
+        }
+        // Seeded sampling: the same answers as one prompt at a time (nothing shared).
+        let sampled = SamplingParams {
+            max_new_tokens: 6,
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 3,
+            ..Default::default()
+        };
+        let (one, s1) = run(&dec, &reqs, &sampled, 1);
+        assert_eq!(s1.shared_prefix_tokens, 0);
+        assert_eq!(run(&dec, &reqs, &sampled, 16).0, one, "{fam}");
+    }
+}
+
 #[test]
 fn sampled_answers_do_not_depend_on_the_batch() {
     let (_, dec) = decoder("qwen2");
