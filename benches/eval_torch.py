@@ -28,20 +28,22 @@ def main():
     t = time.perf_counter()
     texts = [tok.apply_chat_template([{"role": "user", "content": it["question"]}], tokenize=False,
                                      add_generation_prompt=True) for it in items]
-    generated, correct = 0, 0
+    generated, correct, prompt_tokens = 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(texts), batch):
             enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(**enc, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                                  eos_token_id=None, pad_token_id=tok.pad_token_id)
             new_ids = out[:, enc["input_ids"].shape[1]:]
+            prompt_tokens += int(enc["attention_mask"].sum())
             generated += new_ids.numel()
             for j, ids in enumerate(new_ids):
                 nums = re.findall(r"-?\d+", tok.decode(ids, skip_special_tokens=True))
                 correct += bool(nums) and nums[-1] == items[i + j]["answer"]
     dt = time.perf_counter() - t
     print(json.dumps({"items": len(items), "generated_tokens": generated, "seconds": dt,
-                      "items_per_s": len(items) / dt, "accuracy": correct / len(items)}))
+                      "items_per_s": len(items) / dt, "accuracy": correct / len(items),
+                      "prompt_tokens": prompt_tokens}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{available, contiguous, per_float, Float};
+use super::fused::{available, contiguous, Float};
 
 /// At most this many query rows per batch element take these kernels.
 pub const FEW_QUERIES: usize = 8;
@@ -20,20 +20,50 @@ fn applies(a: &Tensor, b: &Tensor) -> Result<bool> {
         && a.dim(1)? <= FEW_QUERIES)
 }
 
-/// `a [B, r, d] · b [B, n, d]^T -> [B, r, n]`; `None` where it does not apply.
+/// `a [B, r, d] · b [B, n, d]^T -> [B, r, n]`; `None` where it does not apply. `b` may be a
+/// view of the first `n` positions of a longer cache buffer (rows of `d` contiguous, batch
+/// elements any stride apart): it is read in place.
 pub fn scores(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !applies(a, b)? {
         return Ok(None);
     }
-    Ok(Some(a.contiguous()?.apply_op2(&b.contiguous()?, Scores)?))
+    Ok(Some(a.contiguous()?.apply_op2(&rows_in_place(b)?, Scores)?))
 }
 
-/// `p [B, r, n] · v [B, n, d] -> [B, r, d]`; `None` where it does not apply.
+/// `p [B, r, n] · v [B, n, d] -> [B, r, d]`; `None` where it does not apply. `v` as `b` of
+/// [`scores`].
 pub fn mix(p: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     if !applies(p, v)? {
         return Ok(None);
     }
-    Ok(Some(p.contiguous()?.apply_op2(&v.contiguous()?, Mix)?))
+    Ok(Some(p.contiguous()?.apply_op2(&rows_in_place(v)?, Mix)?))
+}
+
+/// `t` itself when [`batch_rows`] can read it, else a contiguous copy.
+fn rows_in_place(t: &Tensor) -> Result<Tensor> {
+    if batch_stride(t.layout()).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The stride between batch elements of a `[B, n, d]` layout whose `n x d` block is
+/// contiguous, `None` for any other layout.
+fn batch_stride(l: &Layout) -> Option<usize> {
+    let (bn, n, d) = l.shape().dims3().ok()?;
+    let st = l.stride();
+    let rows_ok = (st[2] == 1 || d <= 1) && (st[1] == d || n <= 1);
+    let batch = if bn <= 1 { n * d } else { st[0] };
+    (rows_ok && (bn <= 1 || batch >= n * d)).then_some(batch)
+}
+
+/// The storage from `l`'s first element, and its batch stride.
+fn batch_rows<'a, T>(data: &'a [T], l: &Layout) -> Result<(&'a [T], usize)> {
+    let Some(stride) = batch_stride(l) else {
+        candle_core::bail!("decode attention: unsupported layout {:?}", l.stride());
+    };
+    Ok((&data[l.start_offset()..], stride))
 }
 
 #[inline(always)]
@@ -60,13 +90,13 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     s
 }
 
-fn scores_rows<T: Float>(a: &[T], b: &[T], r: usize, n: usize, d: usize) -> Vec<T> {
+fn scores_rows<T: Float>(a: &[T], (b, bs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
     let batches = a.len() / (r * d);
     let mut out = vec![T::from64(0.0); batches * r * n];
     out.par_chunks_mut(r * n).enumerate().for_each(|(bi, o)| {
         let (a, b) = (
             &a[bi * r * d..(bi + 1) * r * d],
-            &b[bi * n * d..(bi + 1) * n * d],
+            &b[bi * bs..bi * bs + n * d],
         );
         for i in 0..r {
             let ai = &a[i * d..(i + 1) * d];
@@ -78,13 +108,13 @@ fn scores_rows<T: Float>(a: &[T], b: &[T], r: usize, n: usize, d: usize) -> Vec<
     out
 }
 
-fn mix_rows<T: Float>(p: &[T], v: &[T], r: usize, n: usize, d: usize) -> Vec<T> {
+fn mix_rows<T: Float>(p: &[T], (v, vs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
     let batches = p.len() / (r * n);
     let mut out = vec![T::from64(0.0); batches * r * d];
     out.par_chunks_mut(r * d).enumerate().for_each(|(bi, o)| {
         let (p, v) = (
             &p[bi * r * n..(bi + 1) * r * n],
-            &v[bi * n * d..(bi + 1) * n * d],
+            &v[bi * vs..bi * vs + n * d],
         );
         for i in 0..r {
             let oi = &mut o[i * d..(i + 1) * d];
@@ -121,8 +151,15 @@ impl CustomOp2 for Scores {
                 l2.dims()
             );
         }
-        let out =
-            per_float!("attention scores"; a = s1, l1; b = s2, l2 => scores_rows(a, b, r, n, d));
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(scores_rows(contiguous(a, l1)?, batch_rows(b, l2)?, r, n, d))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(scores_rows(contiguous(a, l1)?, batch_rows(b, l2)?, r, n, d))
+            }
+            _ => candle_core::bail!("attention scores: unsupported dtypes"),
+        };
         Ok((out, Shape::from((ba, r, n))))
     }
     fn bwd(
@@ -161,7 +198,15 @@ impl CustomOp2 for Mix {
                 l2.dims()
             );
         }
-        let out = per_float!("attention mix"; p = s1, l1; v = s2, l2 => mix_rows(p, v, r, n, d));
+        let out = match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(v)) => {
+                CpuStorage::F32(mix_rows(contiguous(p, l1)?, batch_rows(v, l2)?, r, n, d))
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(v)) => {
+                CpuStorage::F64(mix_rows(contiguous(p, l1)?, batch_rows(v, l2)?, r, n, d))
+            }
+            _ => candle_core::bail!("attention mix: unsupported dtypes"),
+        };
         Ok((out, Shape::from((bp, r, d))))
     }
     fn bwd(

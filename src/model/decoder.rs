@@ -64,9 +64,96 @@ pub(crate) struct Layer {
 }
 
 /// Keys and values of every layer for the tokens seen so far.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct KvCache {
-    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<KvLayer>>,
+}
+
+/// One layer's keys and values: buffers `[b, kv heads, capacity, head dim]` whose first `len`
+/// positions are filled, so that a decode step writes its new position in place instead of
+/// copying the whole cache (`Tensor::cat`) every step.
+pub(crate) struct KvLayer {
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) len: usize,
+    /// Whether no other cache shares these buffers (a clone shares them until either side
+    /// writes: the writer then copies first).
+    exclusive: std::cell::Cell<bool>,
+}
+
+impl KvLayer {
+    /// Buffers that are exactly `k` and `v` (no spare capacity), owned by this layer.
+    pub(crate) fn full(k: Tensor, v: Tensor) -> candle_core::Result<KvLayer> {
+        let len = k.dim(2)?;
+        Ok(KvLayer {
+            k,
+            v,
+            len,
+            exclusive: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Freshly allocated buffers (no other cache holds them) with `len` positions filled.
+    pub(crate) fn owned(k: Tensor, v: Tensor, len: usize) -> KvLayer {
+        KvLayer {
+            k,
+            v,
+            len,
+            exclusive: std::cell::Cell::new(true),
+        }
+    }
+
+    /// The filled positions, `[b, kv heads, len, head dim]` (a view into the buffers).
+    pub(crate) fn filled(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// Append `k`, `v` (`[b, kv heads, t, head dim]`): in place when there is room in buffers
+    /// no one else holds, else into new buffers with twice the room needed.
+    fn push(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+        let t = k.dim(2)?;
+        let cap = self.k.dim(2)?;
+        if self.exclusive.get() && self.len + t <= cap {
+            self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+            self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+            self.len += t;
+            return Ok(());
+        }
+        let room = 2 * (self.len + t);
+        let grow = |old: &Tensor, new: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, h, _, d) = old.dims4()?;
+            let spare = Tensor::zeros((b, h, room - self.len - t, d), old.dtype(), old.device())?;
+            Tensor::cat(&[&old.narrow(2, 0, self.len)?, new, &spare], 2)
+        };
+        self.k = grow(&self.k, k)?;
+        self.v = grow(&self.v, v)?;
+        self.len += t;
+        self.exclusive.set(true);
+        Ok(())
+    }
+}
+
+impl Clone for KvLayer {
+    fn clone(&self) -> KvLayer {
+        self.exclusive.set(false);
+        KvLayer {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: self.len,
+            exclusive: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> KvCache {
+        KvCache {
+            layers: self.layers.clone(),
+        }
+    }
 }
 
 impl KvCache {
@@ -77,8 +164,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |l| l.len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -564,12 +650,21 @@ impl Decoder {
             let q = rotated(&layer.q, nh)?;
             let mut k = rotated(&layer.k, nkv)?;
             let mut v = heads(proj(&layer.v, nkv)?)?;
+            // The cache's buffers, `[b * nkv, capacity, hd]`, for the decode kernels to read in
+            // place.
+            let mut buffers = None;
             if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &c.layers[li] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
+                match &mut c.layers[li] {
+                    Some(l) => l.push(&k, &v)?,
+                    empty => *empty = Some(KvLayer::full(k.clone(), v.clone())?),
                 }
-                c.layers[li] = Some((k.clone(), v.clone()));
+                let l = c.layers[li].as_ref().expect("just filled");
+                let cap = l.k.dim(2)?;
+                buffers = Some((
+                    l.k.reshape((b * nkv, cap, hd))?.narrow(1, 0, l.len)?,
+                    l.v.reshape((b * nkv, cap, hd))?.narrow(1, 0, l.len)?,
+                ));
+                (k, v) = l.filled()?;
             }
             let kl = k.dim(2)?;
             // Grouped-query attention without repeating K/V: the `rep` query heads that share a
@@ -579,16 +674,24 @@ impl Decoder {
             // (sequence, kv head) instead of a GEMM call per pair.
             let decoding =
                 cache.is_some() && tape.is_none() && rep * t <= super::attend::FEW_QUERIES;
-            let raw = if decoding {
-                let q3 = qg.reshape((b * nkv, rep * t, hd))?;
-                let k3 = k.to_dtype(acc_dt)?.reshape((b * nkv, kl, hd))?;
-                super::attend::scores(&q3, &k3)?
-            } else {
-                None
+            let in_place = buffers.as_ref().filter(|(bk, _)| bk.dtype() == acc_dt);
+            let raw = match (decoding, in_place) {
+                (true, Some((bk, _))) => {
+                    super::attend::scores(&qg.reshape((b * nkv, rep * t, hd))?, bk)?
+                }
+                (true, None) => {
+                    let q3 = qg.reshape((b * nkv, rep * t, hd))?;
+                    let k3 = k
+                        .to_dtype(acc_dt)?
+                        .contiguous()?
+                        .reshape((b * nkv, kl, hd))?;
+                    super::attend::scores(&q3, &k3)?
+                }
+                (false, _) => None,
             };
             let raw = match raw {
                 Some(s) => s,
-                None => qg.matmul(&k.to_dtype(acc_dt)?.t()?)?,
+                None => qg.matmul(&k.to_dtype(acc_dt)?.contiguous()?.t()?)?,
             };
             let mut scores = (raw.reshape((b, nh, t, kl))? * scale)?;
             let mut cap_tanh = None;
@@ -605,17 +708,19 @@ impl Decoder {
             let scores = scores.broadcast_add(&mask.to_dtype(acc_dt)?)?;
             let probs = super::fused::softmax_last_dim(&scores)?;
             let pg = probs.to_dtype(self.dtype)?.reshape((b, nkv, rep * t, kl))?;
-            let mixed = if decoding {
-                super::attend::mix(
+            let mixed = match (decoding, &buffers) {
+                (true, Some((_, bv))) => {
+                    super::attend::mix(&pg.reshape((b * nkv, rep * t, kl))?, bv)?
+                }
+                (true, None) => super::attend::mix(
                     &pg.reshape((b * nkv, rep * t, kl))?,
-                    &v.reshape((b * nkv, kl, hd))?,
-                )?
-            } else {
-                None
+                    &v.contiguous()?.reshape((b * nkv, kl, hd))?,
+                )?,
+                (false, _) => None,
             };
             let mixed = match mixed {
                 Some(m) => m,
-                None => pg.matmul(&v)?,
+                None => pg.matmul(&v.contiguous()?)?,
             };
             let a = mixed
                 .reshape((b, nh, t, hd))?

@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::decoder::KvLayer;
 use super::KvCache;
 
 impl KvCache {
@@ -12,7 +13,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(0).unwrap_or(0))
+            .map(|l| l.k.dim(0).unwrap_or(0))
             .unwrap_or(0)
     }
 
@@ -23,9 +24,15 @@ impl KvCache {
             return Ok(());
         }
         for l in self.layers.iter_mut().flatten() {
-            let dev = l.0.device().clone();
+            let dev = l.k.device().clone();
             let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect(), keep.len(), &dev)?;
-            *l = (l.0.index_select(&idx, 0)?, l.1.index_select(&idx, 0)?);
+            // The whole buffers (index_select needs contiguous input): the copy keeps their
+            // spare room and is this cache's own.
+            *l = KvLayer::owned(
+                l.k.index_select(&idx, 0)?,
+                l.v.index_select(&idx, 0)?,
+                l.len,
+            );
         }
         Ok(())
     }
@@ -36,11 +43,12 @@ impl KvCache {
             return Ok(());
         }
         for l in self.layers.iter_mut().flatten() {
-            let len = l.0.dim(2)?;
-            *l = (
-                l.0.narrow(2, n, len - n)?.contiguous()?,
-                l.1.narrow(2, n, len - n)?.contiguous()?,
-            );
+            let (k, v) = l.filled()?;
+            let len = l.len;
+            *l = KvLayer::full(
+                k.narrow(2, n, len - n)?.contiguous()?,
+                v.narrow(2, n, len - n)?.contiguous()?,
+            )?;
         }
         Ok(())
     }
@@ -50,7 +58,13 @@ impl KvCache {
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             layers.push(match l {
-                Some((k, v)) => Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?)),
+                Some(l) => {
+                    let (k, v) = l.filled()?;
+                    Some(KvLayer::full(
+                        k.contiguous()?.repeat((n, 1, 1, 1))?,
+                        v.contiguous()?.repeat((n, 1, 1, 1))?,
+                    )?)
+                }
                 None => None,
             });
         }
@@ -76,9 +90,10 @@ impl KvCache {
         };
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             if let (Some(m), Some(t)) = (mine.as_mut(), theirs) {
-                let k = Tensor::cat(&[&pad(&m.0, len - a)?, &pad(&t.0, len - b)?], 0)?;
-                let v = Tensor::cat(&[&pad(&m.1, len - a)?, &pad(&t.1, len - b)?], 0)?;
-                *m = (k, v);
+                let ((mk, mv), (tk, tv)) = (m.filled()?, t.filled()?);
+                let k = Tensor::cat(&[&pad(&mk, len - a)?, &pad(&tk, len - b)?], 0)?;
+                let v = Tensor::cat(&[&pad(&mv, len - a)?, &pad(&tv, len - b)?], 0)?;
+                *m = KvLayer::full(k, v)?;
             }
         }
         Ok((len - a, len - b))
