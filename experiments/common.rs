@@ -104,6 +104,8 @@ pub struct EvalSpec<'a> {
     pub slots: usize,
     /// Sandbox options for code benchmarks.
     pub code: Option<crate::annotate::CodeOptions>,
+    /// The paper's score of this model role on this benchmark (full-scale recipes).
+    pub paper: Option<f64>,
 }
 
 /// The checkpoint at `dir` answers `bench` greedily (resumable in the step's work dir); the answers
@@ -150,7 +152,10 @@ pub fn evaluate_checkpoint(ctx: &mut StepCtx, bench: &Benchmark, dir: &Path, s: 
         &answers,
         Some(s.role),
         Some(s.category),
-        json!({"settings": settings}),
+        match s.paper {
+            Some(v) => json!({"settings": settings, "paper": v}),
+            None => json!({"settings": settings}),
+        },
     )?;
     Ok(())
 }

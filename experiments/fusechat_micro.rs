@@ -30,6 +30,8 @@ fn params() -> FusionParams {
     p.suite.train_per_skill = 8;
     p.suite.sampling_per_skill = 3;
     p.suite.eval_per_skill = 2;
+    p.suite.sampling_per_skill_by_category =
+        std::collections::BTreeMap::from([(crate::data::Category::Code, 4)]);
     p.tokenizer.vocab_size = 400;
     let shape = Shape {
         hidden_size: 32,

@@ -360,6 +360,7 @@ fn bench_step(ctx: &mut StepCtx, input: &str) -> Result<(), BoxError> {
         device: &device,
         slots: 8,
         code: None,
+        paper: None,
     };
     evaluate_checkpoint(ctx, &bench, &dir, &spec)
 }

@@ -181,6 +181,10 @@ pub struct EvalArgs {
     pub role: Option<String>,
     #[arg(long)]
     pub category: Option<String>,
+    /// A published score of this model role on this benchmark (e.g. the paper's), stored in
+    /// `result.json` and shown beside ours in a report.
+    #[arg(long)]
+    pub paper: Option<f64>,
     /// Only the first N items.
     #[arg(long)]
     pub limit: Option<usize>,

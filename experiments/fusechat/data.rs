@@ -187,14 +187,82 @@ pub fn rm_pair(t: &Task, chosen: &str, rejected: &str) -> Value {
 /// The held-out benchmark of one category: its eval tasks as items, scored by the final line
 /// (instruction, second language), the math verifier, or the sandbox (code).
 pub fn benchmark(tasks: &[Task], category: Category, max_new_tokens: usize) -> Benchmark {
+    let chosen: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.split == Split::Eval && t.category == category)
+        .collect();
+    benchmark_of(&chosen, category, max_new_tokens, "eval split")
+}
+
+/// The development slice of one category: per skill, the last `per_skill` distinct train
+/// prompts that the target's mix never reaches (`mix` takes a prefix of each skill's train tasks,
+/// and a skill with few distinct prompts repeats them, so a prompt is left out when any task of
+/// the prefix has the same text).
+pub fn dev_benchmark(
+    tasks: &[Task],
+    category: Category,
+    per_skill: usize,
+    target_mix: &BTreeMap<Category, f64>,
+    max_new_tokens: usize,
+) -> Benchmark {
+    let mut by_skill: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    for t in tasks
+        .iter()
+        .filter(|t| t.split == Split::Train && t.category == category)
+    {
+        by_skill.entry(t.skill.as_str()).or_default().push(t);
+    }
+    let w = target_mix.get(&category).copied().unwrap_or(0.0);
+    let mut chosen: Vec<&Task> = Vec::new();
+    for list in by_skill.values() {
+        let reach = (mix_reach(w) * list.len() as f64).round() as usize;
+        let seen: std::collections::HashSet<&str> =
+            list[..reach].iter().map(|t| t.prompt.as_str()).collect();
+        let mut picked: Vec<&Task> = Vec::new();
+        let mut taken: std::collections::HashSet<&str> = Default::default();
+        for t in list[reach..].iter().rev() {
+            if picked.len() == per_skill {
+                break;
+            }
+            if !seen.contains(t.prompt.as_str()) && taken.insert(t.prompt.as_str()) {
+                picked.push(t);
+            }
+        }
+        picked.reverse();
+        chosen.extend(picked);
+    }
+    let mut b = benchmark_of(
+        &chosen,
+        category,
+        max_new_tokens,
+        "train split, distinct prompts the target never trains on",
+    );
+    b.name.push_str("-dev");
+    b
+}
+
+/// The share of a skill's train tasks that a mix weight reaches (a prefix, see `mix`).
+pub fn mix_reach(weight: f64) -> f64 {
+    if weight >= 1.0 {
+        1.0
+    } else {
+        weight.max(0.0)
+    }
+}
+
+fn benchmark_of(
+    chosen: &[&Task],
+    category: Category,
+    max_new_tokens: usize,
+    from: &str,
+) -> Benchmark {
     let kind = match category {
         Category::Math => Kind::Math,
         Category::Code => Kind::Code,
         Category::Instruction | Category::SecondLanguage => Kind::FinalLine,
     };
-    let items = tasks
+    let items = chosen
         .iter()
-        .filter(|t| t.split == Split::Eval && t.category == category)
         .map(|t| {
             let mut it = Item::new(t.id.clone(), t.skill.clone(), t.prompt.clone());
             match category {
@@ -216,7 +284,7 @@ pub fn benchmark(tasks: &[Task], category: Category, max_new_tokens: usize) -> B
             max_new_tokens,
             temperature: 0.0,
         },
-        source: "suite/tasks.jsonl (eval split)".into(),
+        source: format!("suite/tasks.jsonl ({from})"),
         source_digest: String::new(),
         items,
         baseline_name: None,
@@ -241,6 +309,7 @@ mod tests {
             train_per_skill: 30,
             sampling_per_skill: 5,
             eval_per_skill: 5,
+            sampling_per_skill_by_category: Default::default(),
         })
         .unwrap()
     }
@@ -290,5 +359,37 @@ mod tests {
             .as_ref()
             .unwrap()
             .starts_with("def "));
+    }
+
+    #[test]
+    fn the_dev_slice_is_train_prompts_the_target_never_sees() {
+        let tasks = tasks();
+        let mix = BTreeMap::from([(Category::Code, 0.5), (Category::Instruction, 0.2)]);
+        for c in Category::ALL {
+            let b = dev_benchmark(&tasks, c, 4, &mix, 32);
+            assert!(b.name.ends_with("-dev"));
+            let reach = (mix_reach(mix.get(&c).copied().unwrap_or(0.0)) * 30.0).round() as usize;
+            let by_id: BTreeMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+            let mut prompts = std::collections::HashSet::new();
+            for it in &b.items {
+                let t = by_id[it.id.as_str()];
+                assert_eq!((t.split, t.category), (Split::Train, c), "{}", t.id);
+                assert!(prompts.insert(t.prompt.clone()), "{} twice", t.id);
+                // Not one task of the skill's trained prefix has this prompt.
+                let seen = tasks
+                    .iter()
+                    .filter(|x| x.split == Split::Train && x.skill == t.skill)
+                    .take(reach)
+                    .any(|x| x.prompt == t.prompt);
+                assert!(!seen, "{} is in the target's mix", t.id);
+            }
+            let skills = tasks
+                .iter()
+                .filter(|t| t.category == c)
+                .map(|t| t.skill.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            assert_eq!(b.items.len(), 4 * skills, "{c:?}");
+        }
     }
 }

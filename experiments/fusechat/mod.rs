@@ -107,9 +107,35 @@ pub struct EvalStage {
     pub slots: usize,
     /// Sandbox workers for code answers.
     pub jobs: usize,
+    /// 0: the eval steps answer the held-out eval split (the report's numbers). N > 0: they
+    /// answer a development slice instead, the last N train tasks of every skill, which the target
+    /// never trains on; target-side choices are made there so the held-out split is never tuned on.
+    #[serde(default)]
+    pub dev_per_skill: usize,
 }
 
 pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
+    if p.eval.dev_per_skill > 0 {
+        let per_skill = p.eval.dev_per_skill;
+        // The dev tail must be unseen by the target, or the choices made on it are biased.
+        let n = p.suite.train_per_skill;
+        let reached = p
+            .target
+            .mix
+            .values()
+            .map(|&w| (data::mix_reach(w) * n as f64).round() as usize)
+            .max()
+            .unwrap_or(0);
+        if per_skill + reached > n {
+            return Err(crate::recipe::RecipeError::BadParams {
+                experiment: exp.name().to_string(),
+                reason: format!(
+                    "eval.dev_per_skill: {per_skill} dev tasks per skill and the {reached} \
+                     the target's mix trains on do not fit in suite.train_per_skill = {n}"
+                ),
+            });
+        }
+    }
     let template = exp.source(
         "chat-template",
         crate::eval::bench::shared_data()
@@ -220,7 +246,9 @@ pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
             exp.step(
                 step(&format!("eval-{name}-{}", c.name().replace('_', "-"))).kind("fusechat/eval"),
                 &json!({"model": input, "label": name, "role": role, "category": c,
-                        "eval": p.eval, "device": p.device}),
+                        "eval": p.eval, "device": p.device,
+                        // The dev slice leaves out whatever the target's mix trains on.
+                        "target_mix": (p.eval.dev_per_skill > 0).then_some(&p.target.mix)}),
                 &[suite, h],
                 steps::eval,
             )?;

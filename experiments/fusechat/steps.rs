@@ -667,7 +667,13 @@ pub fn eval(ctx: &mut StepCtx) -> R {
     let stage: EvalStage = field(ctx, "eval")?;
     let device: String = field(ctx, "device")?;
     let tasks = read_tasks(ctx.input("suite")?)?;
-    let bench = data::benchmark(&tasks, category, stage.max_new_tokens);
+    let bench = match stage.dev_per_skill {
+        0 => data::benchmark(&tasks, category, stage.max_new_tokens),
+        n => {
+            let mix: BTreeMap<Category, f64> = field(ctx, "target_mix")?;
+            data::dev_benchmark(&tasks, category, n, &mix, stage.max_new_tokens)
+        }
+    };
     let dir = ctx.input(&input)?.to_path_buf();
     let code = match category {
         Category::Code => Some(code_options(stage.jobs)?),
@@ -680,6 +686,7 @@ pub fn eval(ctx: &mut StepCtx) -> R {
         device: &device,
         slots: stage.slots,
         code,
+        paper: None,
     };
     evaluate_checkpoint(ctx, &bench, &dir, &spec)
 }

@@ -106,6 +106,55 @@ pub struct ScaleParams {
     pub dpo: DpoStage,
     pub eval: ScaleEval,
     pub hardware: Hardware,
+    /// The paper's scores for this target (METHOD.md's per-benchmark table), by benchmark and
+    /// role (base, sft, fused); the report shows them beside ours where a benchmark matches.
+    #[serde(default)]
+    pub paper: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// METHOD.md's per-benchmark table (base, SFT, fused) for the two targets it gives in full,
+/// under the names of the benchmarks (`humaneval`, `mt-bench` are built in here).
+const PAPER: [(&str, [f64; 3], [f64; 3]); 14] = [
+    ("alpacaeval2-lc", [28.3, 41.3, 65.4], [33.2, 34.2, 63.6]),
+    ("arena-hard", [28.1, 38.7, 58.2], [50.7, 45.2, 61.4]),
+    ("mt-bench", [8.4, 8.5, 9.0], [8.4, 8.5, 9.0]),
+    ("alignbench-v1.1", [4.6, 6.3, 6.7], [7.5, 7.4, 7.6]),
+    ("gsm8k", [85.9, 87.0, 88.0], [91.7, 92.3, 91.7]),
+    ("math", [50.7, 54.7, 55.2], [75.0, 72.7, 73.6]),
+    ("amc23", [25.0, 30.0, 37.5], [52.5, 45.0, 57.5]),
+    ("livebench-0831", [27.6, 30.2, 32.0], [35.4, 33.7, 33.2]),
+    ("mmlu-pro", [50.0, 47.8, 49.2], [54.1, 51.7, 53.0]),
+    ("mmlu-redux", [67.2, 68.4, 69.2], [75.1, 72.7, 74.4]),
+    ("gpqa-diamond", [33.8, 37.9, 34.9], [34.9, 38.4, 33.8]),
+    ("humaneval", [69.5, 69.5, 71.3], [85.4, 81.7, 79.9]),
+    ("mbpp", [75.4, 71.4, 72.0], [80.2, 84.1, 83.1]),
+    (
+        "livecodebench-2408-2411",
+        [12.3, 12.6, 13.1],
+        [15.8, 17.3, 18.9],
+    ),
+];
+
+/// The paper's per-benchmark numbers of one target; empty for targets METHOD.md gives only
+/// averages of.
+fn paper_numbers(target: &str) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let column = match target {
+        "llama31-8b" => 0,
+        "qwen25-7b" => 1,
+        _ => return BTreeMap::new(),
+    };
+    PAPER
+        .iter()
+        .map(|(bench, l, q)| {
+            let v = if column == 0 { l } else { q };
+            let roles = ["base", "sft", "fused"]
+                .iter()
+                .zip(v)
+                .map(|(r, x)| (r.to_string(), *x))
+                .collect();
+            (bench.to_string(), roles)
+        })
+        .collect()
 }
 
 /// The per-target rows of METHOD.md's SFT and DPO tables.
@@ -326,6 +375,7 @@ fn defaults(t: &Target) -> ScaleParams {
             jobs: 8,
         },
         hardware: Hardware::default(),
+        paper: paper_numbers(t.name),
     }
 }
 
@@ -463,7 +513,8 @@ fn build(exp: &mut Experiment, p: &ScaleParams) -> Result<()> {
                     .kind("fusechat3/eval")
                     .estimate(cost.eval(b)),
                 &json!({"model": from, "label": label, "role": role, "benchmark": b,
-                        "eval": p.eval, "device": p.device}),
+                        "eval": p.eval, "device": p.device,
+                        "paper": p.paper.get(b.as_str()).and_then(|m| m.get(role))}),
                 &[h, benchmarks[b.as_str()]],
                 eval_step,
             )?;
@@ -534,6 +585,7 @@ fn eval_step(ctx: &mut StepCtx) -> R {
     let mut bench = validate::load_benchmark(&name, ctx.input(&format!("benchmark-{name}"))?)?;
     bench.generation.max_new_tokens = stage.max_new_tokens;
     let dir = ctx.input(&s("model")?)?.to_path_buf();
+    let paper: Option<f64> = fc::field(ctx, "paper")?;
     let spec = EvalSpec {
         label: &label,
         role: &role,
@@ -541,6 +593,24 @@ fn eval_step(ctx: &mut StepCtx) -> R {
         device: &device,
         slots: stage.slots,
         code: Some(fc::code_options(stage.jobs)?),
+        paper,
     };
     evaluate_checkpoint(ctx, &bench, &dir, &spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_papers_numbers_ride_with_the_two_targets_it_tabulates() {
+        let l = defaults(&TARGETS[0]);
+        assert_eq!(l.paper["humaneval"]["base"], 69.5);
+        assert_eq!(l.paper["humaneval"]["fused"], 71.3);
+        let q = defaults(&TARGETS[1]);
+        assert_eq!(q.paper["mt-bench"]["sft"], 8.5);
+        assert_eq!(q.paper.len(), 14);
+        // Gemma-2-9B and the Llama-3.2 targets have only averages in METHOD.md.
+        assert!(defaults(&TARGETS[2]).paper.is_empty());
+    }
 }

@@ -305,7 +305,10 @@ pub fn eval(store: &Path, a: &EvalArgs) -> Status {
         }
     };
     let result = score::summarise(&bench, &name, &answers, verdicts, judge, &games, a.seed);
-    let extra = json!({"generation": generation, "seconds": started.elapsed().as_secs_f64()});
+    let mut extra = json!({"generation": generation, "seconds": started.elapsed().as_secs_f64()});
+    if let Some(v) = a.paper {
+        extra["paper"] = json!(v);
+    }
     let record = fuselab::eval::output::write(
         &out,
         &bench,
@@ -508,6 +511,7 @@ pub fn synth(a: &SynthArgs) -> Status {
         train_per_skill: a.train,
         sampling_per_skill: a.sampling,
         eval_per_skill: a.eval,
+        sampling_per_skill_by_category: Default::default(),
     };
     let tasks = suite(&p)?;
     let mut lines = String::new();

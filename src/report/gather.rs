@@ -88,7 +88,9 @@ fn read_eval(
             }
         }
     }
+    let paper = v.pointer("/extra/paper").and_then(Value::as_f64);
     Ok(Some(Evaluated {
+        paper,
         role,
         category,
         result,

@@ -20,7 +20,7 @@ table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.sig { color: #0a6; font-weight: bold; } .worse { color: #b22; font-weight: bold; }
+.sig { color: #0a6; font-weight: bold; } .worse { color: #b22; font-weight: bold; } .paper { color: #557; font-style: italic; }
 .muted { color: #777; font-size: .85em; }
 pre { white-space: pre-wrap; word-break: break-word; background: #fafafa; border: 1px solid #eee; padding: .5em; margin: 0; max-height: 18em; overflow: auto; font-size: .85em; }
 code { font-size: .9em; } .charts { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
@@ -45,9 +45,11 @@ commit <code>{{ r.git_commit or "unknown" }}</code>{% if r.git_dirty %} <span cl
 {% if c.vs_base %}<br><span class="{% if c.vs_base.significant and c.vs_base.diff > 0 %}sig{% elif c.vs_base.significant %}worse{% else %}muted{% endif %}" title="{{ c.vs_base.test }} on {{ c.vs_base.paired_items }} paired items">
 {{ "%+.2f"|format(c.vs_base.diff) }} vs base, p={{ "%.2g"|format(c.vs_base.p) }} (Holm {{ "%.2g"|format(c.vs_base.p_holm) }}){% if c.vs_base.significant %} ★{% endif %}</span>{% endif %}
 <br><span class="muted">n={{ c.n }}{% if c.n_unscored %}, <b>{{ c.n_unscored }} unscored</b>{% endif %}</span>
+{% set pv = b.paper[m[1]] if b.paper else none %}{% if pv is defined and pv is not none %}<br><span class="paper">paper: {{ "%.1f"|format(pv) }}</span>{% endif %}
 {% else %}–{% endif %}</td>{% endfor %}</tr>
 {% endfor %}
 </table>
+{% if r.benches|selectattr("paper")|list %}<p class="muted">paper: the FuseChat-3.0 paper's score for the same role (base, SFT, fused) on this benchmark (METHOD.md), with its own harness and the real checkpoints.</p>{% endif %}
 <p class="muted">Intervals: 95% bootstrap over items. ★ = different from the base at family-wise 0.05. {{ r.multiple_comparison_note }}</p>
 <div class="charts">{% for svg in bars %}<figure>{{ svg }}</figure>{% endfor %}</div>
 {% endif %}

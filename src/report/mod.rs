@@ -168,6 +168,8 @@ pub struct Evaluated {
     pub step: String,
     pub prompts: BTreeMap<String, String>,
     pub answers: BTreeMap<String, String>,
+    /// The paper's score for this role and benchmark, when the recipe records one.
+    pub paper: Option<f64>,
 }
 
 /// The benchmark table with paired tests against the base, Holm-adjusted over every comparison.
@@ -245,12 +247,16 @@ pub fn bench_rows(evals: &[Evaluated], seed: u64) -> (Vec<BenchRow>, usize) {
                 step: e.step.clone(),
             });
         }
+        let paper = es
+            .iter()
+            .filter_map(|e| e.paper.map(|v| (e.role.clone(), v)))
+            .collect();
         rows.push(BenchRow {
             bench: bench.to_string(),
             kind: es[0].result.kind.name().to_string(),
             scale: es[0].result.scale.clone(),
             cells,
-            paper: BTreeMap::new(),
+            paper,
         });
     }
     let adjusted = stats::holm(&tests.iter().map(|t| t.2).collect::<Vec<_>>());

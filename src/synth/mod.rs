@@ -109,6 +109,10 @@ pub struct SuiteParams {
     pub train_per_skill: usize,
     pub sampling_per_skill: usize,
     pub eval_per_skill: usize,
+    /// Per-category overrides of `sampling_per_skill` (a category whose skill is slow to learn
+    /// needs more constructed rows for the target to learn it from).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sampling_per_skill_by_category: std::collections::BTreeMap<crate::data::Category, usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,14 @@ pub fn suite(p: &SuiteParams) -> Result<Vec<Task>, SynthError> {
         };
         let mut tasks = Vec::new();
         for skill in SKILLS {
+            let n = match split {
+                Split::Sampling => p
+                    .sampling_per_skill_by_category
+                    .get(&skill.category)
+                    .copied()
+                    .unwrap_or(n),
+                _ => n,
+            };
             let mut rng = Rng::new(p.seed, stream(split, skill.name));
             let mut seen: HashSet<String> = HashSet::new();
             let mut attempts = 0usize;

@@ -217,7 +217,7 @@ fn word_problem(rng: &mut Rng, _: Split, d: u8) -> Task {
 fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
     let k = 2 + rng.below(98) as i64;
     let (name, sig, doc, body, cases): (String, &str, String, String, Vec<(String, String)>) =
-        match (d, rng.below(2)) {
+        match (d, rng.below(3)) {
             (1, 0) => {
                 let xs: Vec<i64> = (0..3).map(|_| rng.below(50) as i64).collect();
                 let name = format!("add_{k}");
@@ -230,6 +230,20 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
                     vec![
                         (xs[0].to_string(), expect),
                         (xs[1].to_string(), (xs[1] + k).to_string()),
+                    ],
+                )
+            }
+            (1, 1) => {
+                let name = format!("minus_{k}");
+                let x = rng.below(200) as i64;
+                (
+                    name,
+                    "x",
+                    format!("Return x minus {k}."),
+                    format!("    return x - {k}\n"),
+                    vec![
+                        (x.to_string(), (x - k).to_string()),
+                        (k.to_string(), "0".into()),
                     ],
                 )
             }
@@ -262,6 +276,21 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
                     ],
                 )
             }
+            (2, 1) => {
+                let name = format!("count_below_{k}");
+                let xs: Vec<i64> = (0..5).map(|_| rng.below(120) as i64).collect();
+                let n = xs.iter().filter(|&&x| x < k).count();
+                (
+                    name,
+                    "xs",
+                    format!("Return how many elements of xs are less than {k}."),
+                    format!("    return sum(1 for x in xs if x < {k})\n"),
+                    vec![
+                        (format!("{xs:?}"), n.to_string()),
+                        ("[]".into(), "0".into()),
+                    ],
+                )
+            }
             (2, _) => {
                 let name = format!("count_above_{k}");
                 let xs: Vec<i64> = (0..5).map(|_| rng.below(80) as i64).collect();
@@ -289,6 +318,21 @@ fn python_function(rng: &mut Rng, _: Split, d: u8) -> Task {
                     vec![
                         (format!("{xs:?}"), s.to_string()),
                         ("[]".into(), "0".into()),
+                    ],
+                )
+            }
+            (_, 1) => {
+                let name = format!("keep_above_{k}");
+                let xs: Vec<i64> = (0..6).map(|_| rng.below(120) as i64).collect();
+                let ys: Vec<i64> = xs.iter().copied().filter(|&x| x > k).collect();
+                (
+                    name,
+                    "xs",
+                    format!("Return the elements of xs that are greater than {k}, in order."),
+                    format!("    return [x for x in xs if x > {k}]\n"),
+                    vec![
+                        (format!("{xs:?}"), format!("{ys:?}")),
+                        ("[]".into(), "[]".into()),
                     ],
                 )
             }

@@ -9,7 +9,21 @@ fn params(seed: u64) -> SuiteParams {
         train_per_skill: 60,
         sampling_per_skill: 30,
         eval_per_skill: 20,
+        sampling_per_skill_by_category: Default::default(),
     }
+}
+
+#[test]
+fn a_category_can_have_its_own_number_of_sampling_prompts() {
+    let mut p = params(1);
+    p.sampling_per_skill_by_category = BTreeMap::from([(Category::Code, 45)]);
+    let a = suite(&p).unwrap();
+    let n = |skill: &str| {
+        a.iter()
+            .filter(|t| t.split == Split::Sampling && t.skill == skill)
+            .count()
+    };
+    assert_eq!((n("python_function"), n("count_words")), (45, 30));
 }
 
 #[test]
@@ -116,6 +130,7 @@ fn code_references_pass_in_the_sandbox_and_stubs_fail() {
         train_per_skill: 0,
         sampling_per_skill: 0,
         eval_per_skill: 12,
+        sampling_per_skill_by_category: Default::default(),
     })
     .unwrap()
     .into_iter()

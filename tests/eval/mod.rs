@@ -699,7 +699,7 @@ fn the_report_opens_in_chromium_with_charts_and_hostile_answers_as_text() {
             (0..4).map(|i| json!({"id": format!("h{i}"), "output": format!("{} #### {}", hostile[i], (i + k) % 2)})).collect();
         write_jsonl(&a, &rows);
         let d = t.project.join(format!("e{k}"));
-        t.ok(&[
+        let mut args = vec![
             "eval",
             "--bench",
             s(&bench),
@@ -713,7 +713,12 @@ fn the_report_opens_in_chromium_with_charts_and_hostile_answers_as_text() {
             "c",
             "--out",
             s(&d),
-        ]);
+        ];
+        // A published score for the fused role is shown beside ours (full-scale recipes).
+        if *role == "fused" {
+            args.extend(["--paper", "71.3"]);
+        }
+        t.ok(&args);
         dirs.push(d);
     }
     let reports = t.project.join("reports");
@@ -758,6 +763,11 @@ fn the_report_opens_in_chromium_with_charts_and_hostile_answers_as_text() {
     let json: Value =
         serde_json::from_slice(&fs::read(reports.join("hostile.json")).unwrap()).unwrap();
     assert_eq!(json["benches"][0]["cells"].as_array().unwrap().len(), 2);
+    assert_eq!(json["benches"][0]["paper"], json!({"fused": 71.3}));
+    assert!(
+        dom.contains("paper: 71.3"),
+        "the paper's number is not shown"
+    );
 
     // The real flow: an experiment run writes its report; the charts render in the browser.
     let demo = root().join("tests/fixtures/hf/llama");
