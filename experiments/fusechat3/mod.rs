@@ -324,6 +324,8 @@ fn defaults(t: &Target) -> ScaleParams {
         },
         construct: ConstructParams {
             second_language_source: Some("qwen25-72b".into()),
+            // METHOD.md's code rule pairs passing against failing with no gap window.
+            gap_exempt: vec![Category::Code],
             ..Default::default()
         },
         sft: TrainConfig {

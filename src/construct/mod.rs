@@ -74,6 +74,11 @@ pub struct ConstructParams {
     #[serde(default)]
     pub sft_fraction_by_category: BTreeMap<Category, f64>,
     pub gap: GapWindow,
+    /// Categories whose DPO pairs are not held to the gap window. METHOD.md states the window
+    /// for instruction following and math; for code it only says high-scoring passing vs
+    /// low-scoring failing, so the verifier, not the RM gap, decides the pair there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gap_exempt: Vec<Category>,
     pub pair_source: PairSource,
     pub tie_break: TieBreak,
     /// Drop prompts whose answers are all the same text (and never pair two identical texts).
@@ -100,6 +105,7 @@ impl Default for ConstructParams {
                 min_inclusive: true,
                 max_inclusive: true,
             },
+            gap_exempt: Vec::new(),
             pair_source: PairSource::HighestChosen,
             tie_break: TieBreak::FirstIndex,
             drop_identical: true,

@@ -285,6 +285,7 @@ pub fn apply(
         )
         .select([
             col("prompt_id"),
+            col("category"),
             col("source"),
             col("src_rank"),
             col("sample_index"),
@@ -321,6 +322,10 @@ pub fn apply(
     } else {
         col("gap").lt(lit(g.max))
     };
+    let exempt = params
+        .gap_exempt
+        .iter()
+        .fold(lit(false), |e, c| e.or(col("category").eq(lit(c.name()))));
     let mut pairs = chosen
         .join(
             rejected,
@@ -330,7 +335,7 @@ pub fn apply(
         )
         .with_column((col("score") - col("r_score")).alias("gap"))
         .filter(col("sample_index").neq(col("r_index")))
-        .filter(lo.and(hi));
+        .filter(lo.and(hi).or(exempt));
     if params.drop_identical {
         pairs = pairs.filter(col("text").neq(col("r_text")));
     }

@@ -256,6 +256,32 @@ fn code_prompts_whose_answers_all_fail_are_dropped() {
 }
 
 #[test]
+fn code_pairs_can_be_exempt_from_the_gap_window() {
+    let mut w = World::default();
+    // Passing 0.9 vs failing 0.2 of one source: a gap of 0.7, far outside [0.01, 0.1].
+    w.add(
+        prompt("code", Category::Code),
+        &[("a", 0.9, Some(true)), ("a", 0.2, Some(false))],
+    );
+    w.add(
+        prompt("instr", Category::Instruction),
+        &[("a", 0.9, None), ("a", 0.2, None)],
+    );
+    let c = w.run(&params(0.0));
+    assert!(c.dpo.is_empty());
+    let mut p = params(0.0);
+    p.gap_exempt = vec![Category::Code];
+    let c = w.run(&p);
+    assert_eq!(c.dpo.len(), 1, "only the code pair leaves the window");
+    assert_eq!(c.dpo[0].prompt_id, "code");
+    assert_eq!((c.dpo[0].chosen_index, c.dpo[0].rejected_index), (0, 1));
+    assert_eq!(
+        reasons(&c),
+        [("instr".to_string(), DropReason::NoPairInWindow)]
+    );
+}
+
+#[test]
 fn second_language_is_sft_only_from_its_source() {
     let mut w = World::default();
     for i in 0..10 {
