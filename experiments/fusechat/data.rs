@@ -215,7 +215,7 @@ pub fn dev_benchmark(
     let w = target_mix.get(&category).copied().unwrap_or(0.0);
     let mut chosen: Vec<&Task> = Vec::new();
     for list in by_skill.values() {
-        let reach = (mix_reach(w) * list.len() as f64).round() as usize;
+        let reach = mix_reach(w, list.len());
         let seen: std::collections::HashSet<&str> =
             list[..reach].iter().map(|t| t.prompt.as_str()).collect();
         let mut picked: Vec<&Task> = Vec::new();
@@ -241,13 +241,10 @@ pub fn dev_benchmark(
     b
 }
 
-/// The share of a skill's train tasks that a mix weight reaches (a prefix, see `mix`).
-pub fn mix_reach(weight: f64) -> f64 {
-    if weight >= 1.0 {
-        1.0
-    } else {
-        weight.max(0.0)
-    }
+/// How many of a skill's `n` train tasks a mix weight reaches (`mix` takes a prefix, and a
+/// weight of 1 or more takes them all).
+pub fn mix_reach(weight: f64, n: usize) -> usize {
+    (weight.clamp(0.0, 1.0) * n as f64).round() as usize
 }
 
 fn benchmark_of(
@@ -368,7 +365,7 @@ mod tests {
         for c in Category::ALL {
             let b = dev_benchmark(&tasks, c, 4, &mix, 32);
             assert!(b.name.ends_with("-dev"));
-            let reach = (mix_reach(mix.get(&c).copied().unwrap_or(0.0)) * 30.0).round() as usize;
+            let reach = mix_reach(mix.get(&c).copied().unwrap_or(0.0), 30);
             let by_id: BTreeMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
             let mut prompts = std::collections::HashSet::new();
             for it in &b.items {

@@ -123,7 +123,7 @@ pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
             .target
             .mix
             .values()
-            .map(|&w| (data::mix_reach(w) * n as f64).round() as usize)
+            .map(|&w| data::mix_reach(w, n))
             .max()
             .unwrap_or(0);
         if per_skill + reached > n {
