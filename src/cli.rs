@@ -259,8 +259,9 @@ pub struct CompareArgs {
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A Hugging Face checkpoint directory, or the base URL (up to `/v1`) of an OpenAI-compatible
-    /// server (vLLM, SGLang, llama.cpp's server, TGI, `transformers serve`).
+    /// A Hugging Face checkpoint directory, a GGUF file (llama.cpp's format: Llama, Mistral and
+    /// Qwen2 architectures, any quantization), or the base URL (up to `/v1`) of an
+    /// OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, TGI, `transformers serve`).
     #[arg(long)]
     pub model: PathBuf,
     /// Server mode: the `model` name each request carries.

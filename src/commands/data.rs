@@ -355,10 +355,25 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
     {
         return sample_endpoint(store, a, url);
     }
-    let ck = Checkpoint::open(&a.model)?;
     let device = parse_device(&a.device.device)?;
-    let w = load_weights(&ck.dir, &ck.config, &device, parse_dtype(&a.device.dtype)?)?;
-    let decoder = Decoder::new(ck.config.clone(), w)?;
+    let is_gguf = a.model.is_file()
+        && a.model
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    // A checkpoint directory runs on our decoder, a .gguf file on candle-transformers' quantized
+    // models; both feed the same chunked job.
+    let (local, gguf) = if is_gguf {
+        let g = fuselab::sample::gguf::GgufModel::load(&a.model, &device)?;
+        for w in &g.warnings {
+            eprintln!("warning: {w}");
+        }
+        (None, Some(g))
+    } else {
+        let ck = Checkpoint::open(&a.model)?;
+        let w = load_weights(&ck.dir, &ck.config, &device, parse_dtype(&a.device.dtype)?)?;
+        let decoder = Decoder::new(ck.config.clone(), w)?;
+        (Some((ck, decoder)), None)
+    };
     let prompts: Vec<Prompt> = read_records(&a.prompts)?;
     let source = a.source.clone().unwrap_or_else(|| {
         a.model
@@ -367,18 +382,32 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let spec = source_spec(a, source, ck.stop_token_ids());
+    let stops = match (&local, &gguf) {
+        (Some((ck, _)), _) => ck.stop_token_ids(),
+        (_, Some(g)) => g.stop_token_ids.clone(),
+        _ => unreachable!("one backend is loaded"),
+    };
+    let spec = source_spec(a, source, stops);
     let total: u64 = prompts.iter().map(|p| spec.n_for(p.category) as u64).sum();
     let work_dir = a.work_dir.clone().unwrap_or_else(|| {
         let mut name = a.out.file_name().unwrap_or_default().to_os_string();
         name.push(".chunks");
         a.out.with_file_name(name)
     });
-    let model = Model {
-        decoder: &decoder,
-        tokenizer: ck.tokenizer()?,
-        template: ck.template()?,
-        identity: fuselab::train::model_identity(&ck.dir)?,
+    let model = match (&local, &gguf) {
+        (Some((ck, decoder)), _) => Model {
+            decoder,
+            tokenizer: ck.tokenizer()?,
+            template: ck.template()?,
+            identity: fuselab::train::model_identity(&ck.dir)?,
+        },
+        (_, Some(g)) => Model {
+            decoder: g,
+            tokenizer: &g.tokenizer,
+            template: &g.template,
+            identity: g.identity()?,
+        },
+        _ => unreachable!("one backend is loaded"),
     };
     let bar = bar(total);
     let started = std::time::Instant::now();

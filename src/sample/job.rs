@@ -12,10 +12,10 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{sample, Request};
+use super::{Request, Sampler};
 use crate::data::{Category, Prompt, Sample};
 use crate::generate::SamplingParams;
-use crate::model::{ChatTemplate, Decoder, ModelError};
+use crate::model::{ChatTemplate, ModelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
@@ -109,7 +109,8 @@ fn chunk_key(model_id: &str, spec: &SourceSpec, opts: &JobOptions, reqs: &[Reque
 
 /// Everything a job needs from the model side.
 pub struct Model<'a> {
-    pub decoder: &'a Decoder,
+    /// Our decoder, or a GGUF file's model.
+    pub decoder: &'a dyn Sampler,
     pub tokenizer: &'a tokenizers::Tokenizer,
     pub template: &'a ChatTemplate,
     /// Identifies the weights (e.g. [`crate::train::model_identity`]); part of every chunk's name.
@@ -192,8 +193,7 @@ pub fn run(
                 last = (s, t);
                 progress(ds, dt);
             };
-            let result = sample(
-                model.decoder,
+            let result = model.decoder.sample(
                 chunks[i],
                 &spec.name,
                 &spec.sampling,

@@ -3,8 +3,9 @@
 //! the N samples of one prompt start from one prefill of it (its KV cache copied into N rows).
 //! Each sample draws from its own random stream, fixed by (seed, prompt id, source, sample index),
 //! so what a sample says does not depend on which others share its batch. `job` cuts a prompt set
-//! into chunks that survive a kill and merges them.
+//! into chunks that survive a kill and merges them; `gguf` runs the same on llama.cpp's files.
 
+pub mod gguf;
 pub mod job;
 pub mod openai;
 
@@ -83,6 +84,36 @@ fn logit_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>, ModelError>
         .to_dtype(DType::F32)
         .and_then(|x| x.to_vec2())
         .ctx(|| "reading logits".into())
+}
+
+/// What answers a chunk of requests: our decoder (continuous batching, shared prefill) or a GGUF
+/// file's quantized model.
+pub trait Sampler: Sync {
+    /// Answer every request `n` times, at most `slots` sequences at once; answers in (request,
+    /// sample index) order, each sample's stream fixed by [`sample_seed`].
+    fn sample(
+        &self,
+        requests: &[Request],
+        source: &str,
+        params: &SamplingParams,
+        slots: usize,
+        decode: &dyn Fn(&[u32]) -> String,
+        on_done: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Vec<Answer>, Stats), ModelError>;
+}
+
+impl Sampler for Decoder {
+    fn sample(
+        &self,
+        requests: &[Request],
+        source: &str,
+        params: &SamplingParams,
+        slots: usize,
+        decode: &dyn Fn(&[u32]) -> String,
+        on_done: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Vec<Answer>, Stats), ModelError> {
+        sample(self, requests, source, params, slots, decode, on_done)
+    }
 }
 
 /// Answer every request `n` times with at most `slots` sequences decoding at once. `params.seed`

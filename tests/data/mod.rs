@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::util::{broken_server, openai_server, TestContext};
+use crate::util::{broken_server, gguf_fixture, openai_server, TestContext};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -562,6 +562,128 @@ fn construct_cli_writes_sets_and_a_composition_that_adds_up() {
     ]);
     assert!(err.contains("not an earlier construction output"), "{err}");
     assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep");
+}
+
+#[test]
+fn gguf_source_matches_transformers_greedy_and_samples_every_prompt() {
+    let t = TestContext::new();
+    let fx = gguf_fixture();
+    let prompts = t.project.join("gguf-prompts.parquet");
+    t.ok(&[
+        "data",
+        "import",
+        s(&fx.join("prompts.jsonl")),
+        "--out",
+        s(&prompts),
+        "--dataset",
+        "d",
+        "--category",
+        "instruction",
+    ]);
+    let reference: Value =
+        serde_json::from_str(&fs::read_to_string(fx.join("reference.json")).unwrap()).unwrap();
+    let reference = reference.as_array().unwrap();
+
+    // f32, greedy: the tokenizer rebuilt from the file's metadata, its chat template and
+    // candle-transformers' quantized Llama give transformers' 16 greedy tokens on every prompt.
+    let greedy = t.project.join("gguf-greedy.jsonl");
+    let r = t.json(&[
+        "sample",
+        "--model",
+        s(&fx.join("model-f32.gguf")),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&greedy),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+    ]);
+    let prompt_tokens: usize = reference
+        .iter()
+        .map(|x| x["prompt_ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(
+        r["prefill_tokens"].as_u64(),
+        Some(prompt_tokens as u64),
+        "{r}"
+    );
+    let rows: Vec<Value> = fs::read_to_string(&greedy)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), reference.len());
+    for (row, want) in rows.iter().zip(reference) {
+        assert_eq!(row["prompt_id"], want["id"]);
+        assert_eq!(row["text"], want["greedy_text"], "prompt {}", want["id"]);
+        assert_eq!(
+            row["tokens"].as_u64(),
+            Some(want["greedy_ids"].as_array().unwrap().len() as u64)
+        );
+    }
+
+    // q8_0 (llama.cpp's 8-bit blocks), sampled: every prompt answered n times, and the samples
+    // do not depend on the number of workers or the chunking's parallelism.
+    let sampled = |out: &Path, workers: &str| {
+        t.json(&[
+            "sample",
+            "--model",
+            s(&fx.join("model-q8_0.gguf")),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--n",
+            "3",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "5",
+            "--max-new-tokens",
+            "12",
+            "--chunk-size",
+            "1",
+            "--slots",
+            "2",
+            "--workers",
+            workers,
+        ])
+    };
+    let one = t.project.join("gguf-q8-1.parquet");
+    let two = t.project.join("gguf-q8-2.parquet");
+    assert_eq!(sampled(&one, "1")["samples"].as_u64(), Some(12));
+    assert_eq!(sampled(&two, "2")["chunks"].as_u64(), Some(4));
+    assert_eq!(fs::read(&one).unwrap(), fs::read(&two).unwrap());
+    let shown = t.json(&["data", "show", s(&one), "--limit", "12"]);
+    let head = shown["head"].as_array().unwrap();
+    for (i, row) in head.iter().enumerate() {
+        assert_eq!(row["prompt_id"], reference[i / 3]["id"]);
+        assert_eq!(row["sample_index"], (i % 3) as u64);
+        assert_eq!(row["tokens"].as_u64(), Some(12), "{row}");
+    }
+    let texts: std::collections::BTreeSet<&str> =
+        head.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    assert!(texts.len() > 6, "samples should differ: {texts:?}");
+
+    // Not a GGUF file: named.
+    let fake = t.project.join("fake.gguf");
+    fs::write(&fake, b"not gguf at all").unwrap();
+    let err = t.fails(&[
+        "sample",
+        "--model",
+        s(&fake),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&t.project.join("never.parquet")),
+    ]);
+    assert!(
+        err.contains("fake.gguf") && err.contains("not a readable GGUF file"),
+        "{err}"
+    );
+    assert!(!t.project.join("never.parquet").exists());
 }
 
 #[test]

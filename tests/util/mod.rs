@@ -252,3 +252,20 @@ pub fn openai_server(scratch: &Path, model: &Path) -> (ServeGuard, u16) {
     );
     (ServeGuard(pidfile), port)
 }
+
+/// The GGUF backend's source: a tiny Llama on the Llama 3 tokenizer converted by llama.cpp's own
+/// convert_hf_to_gguf.py, with transformers' greedy reference (`scripts/gguf-fixture.sh`, cached
+/// outside the clone).
+pub fn gguf_fixture() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/gguf-fixture.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/gguf-fixture.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
