@@ -138,8 +138,7 @@ pub fn pick(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Rng)
         }
         return best as u32;
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut order = candidate_order(logits);
     if p.top_k > 0 {
         order.truncate(p.top_k);
     }
@@ -175,6 +174,24 @@ pub fn pick(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Rng)
         }
     }
     order[probs.len() - 1] as u32
+}
+
+/// Token ids by descending logit (`f32::total_cmp`), ties by ascending id. One u64 key per token
+/// (the logit's total order as an unsigned integer, inverted, above the id) sorts as plain
+/// integers: the order of a stable comparison sort, several times faster over a vocabulary
+/// (the comparison sort was 15% of a 64-slot sampling run).
+fn candidate_order(logits: &[f32]) -> Vec<usize> {
+    let mut keys: Vec<u64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let b = x.to_bits();
+            let ascending = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+            (u64::from(!ascending) << 32) | i as u64
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.iter().map(|k| (k & 0xffff_ffff) as usize).collect()
 }
 
 /// Generate continuations of `prompts` (token ids). `decode` turns tokens into text for stop strings.
@@ -279,6 +296,28 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_key_order_is_the_stable_total_order_of_logits() {
+        // The sampler's candidate order (integer keys) against the comparison sort it replaced:
+        // descending by `total_cmp`, ties by index; repeated values, both zeros, infinities.
+        let mut rng = Rng::new(9, 0);
+        let specials = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.5, -1.5];
+        for round in 0..50 {
+            let logits: Vec<f32> = (0..997)
+                .map(|i| {
+                    if i % 7 == 0 {
+                        specials[rng.below(specials.len())]
+                    } else {
+                        ((rng.below(41) as f32) - 20.0) * 0.25 * (round as f32 + 1.0)
+                    }
+                })
+                .collect();
+            let mut want: Vec<usize> = (0..logits.len()).collect();
+            want.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            assert_eq!(candidate_order(&logits), want, "round {round}");
+        }
+    }
 
     #[test]
     fn greedy_takes_first_maximum_and_penalty_follows_transformers() {
