@@ -336,35 +336,39 @@ fn split(prompts: &[&Prompt], params: &ConstructParams) -> HashMap<String, bool>
 
 fn composition(prompts: &[Prompt], c: &Constructed) -> Vec<CompositionRow> {
     // (prompts, SFT rows, DPO pairs, drops by reason) per (dataset, category).
-    type Counts = (usize, usize, usize, BTreeMap<String, usize>);
-    let mut counts: BTreeMap<(String, Category), Counts> = BTreeMap::new();
+    type Counts = (usize, usize, usize, BTreeMap<&'static str, usize>);
+    // Keyed by borrowed names: one string clone per group, not per record.
+    let mut counts: BTreeMap<(&str, Category), Counts> = BTreeMap::new();
     for p in prompts {
-        counts.entry((p.dataset.clone(), p.category)).or_default().0 += 1;
+        counts.entry((&p.dataset, p.category)).or_default().0 += 1;
     }
     for r in &c.sft {
-        counts.entry((r.dataset.clone(), r.category)).or_default().1 += 1;
+        counts.entry((&r.dataset, r.category)).or_default().1 += 1;
     }
     for r in &c.dpo {
-        counts.entry((r.dataset.clone(), r.category)).or_default().2 += 1;
+        counts.entry((&r.dataset, r.category)).or_default().2 += 1;
     }
     for d in &c.dropped {
         *counts
-            .entry((d.dataset.clone(), d.category))
+            .entry((&d.dataset, d.category))
             .or_default()
             .3
-            .entry(d.reason.name().into())
+            .entry(d.reason.name())
             .or_default() += 1;
     }
     let mut out: Vec<CompositionRow> = counts
         .into_iter()
         .map(
             |((dataset, cat), (prompts, sft, dpo, dropped))| CompositionRow {
-                dataset,
+                dataset: dataset.to_string(),
                 category: cat.name().into(),
                 prompts,
                 sft,
                 dpo,
-                dropped,
+                dropped: dropped
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
             },
         )
         .collect();

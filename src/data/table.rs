@@ -120,10 +120,18 @@ pub trait Table: Serialize + DeserializeOwned + Sized {
     fn frame(rows: &[Self], path: &Path) -> Result<DataFrame, DataError> {
         to_frame(rows, path)
     }
+    /// The records straight from a frame of their kind's schema, where the type has such a
+    /// reader; `None` sends the frame through JSON and serde, which also names a bad row.
+    fn from_frame(_df: &DataFrame) -> Option<Vec<Self>> {
+        None
+    }
 }
 
 impl Table for super::Prompt {
     const KIND: RecordKind = RecordKind::Prompts;
+    fn from_frame(df: &DataFrame) -> Option<Vec<Self>> {
+        prompts_from_frame(df)
+    }
 }
 impl Table for super::Sample {
     const KIND: RecordKind = RecordKind::Samples;
@@ -300,16 +308,26 @@ pub fn read_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
 
 /// Typed records from a table file of kind `T` (a Parquet table of another kind is refused).
 pub fn read_records<T: Table>(path: &Path) -> Result<Vec<T>, DataError> {
-    if is_parquet(path) {
-        let (_, kind) = read_frame(path)?;
+    let values = if is_parquet(path) {
+        let (mut df, kind) = read_frame(path)?;
         if let Some(k) = kind.filter(|k| *k != T::KIND) {
             return Err(DataError::file(
                 path,
                 format!("holds {} records, expected {}", k.name(), T::KIND.name()),
             ));
         }
-    }
-    read_values(path)?
+        if let Some(rows) = T::from_frame(&df) {
+            return Ok(rows);
+        }
+        frame_values(&mut df, path)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect()
+    } else {
+        read_values(path)?
+    };
+    values
         .into_iter()
         .map(|(line, v)| {
             serde_json::from_value(v).map_err(|e| {
@@ -361,6 +379,72 @@ pub fn samples_frame(rows: &[super::Sample]) -> Result<DataFrame, DataError> {
         ],
         "samples",
     )
+}
+
+/// Prompts from the columns of a frame with exactly the prompt schema; `None` at the first thing
+/// the typed path would reject (a null where a value is required, an unknown category, another
+/// layout), so that the JSON path reports it with its row.
+fn prompts_from_frame(df: &DataFrame) -> Option<Vec<super::Prompt>> {
+    for f in RecordKind::Prompts.schema().iter_fields() {
+        if df.column(f.name()).ok()?.dtype() != f.dtype() {
+            return None;
+        }
+    }
+    let s = |n: &str| df.column(n).ok()?.str().ok();
+    let (id, dataset, category) = (s("id")?, s("dataset")?, s("category")?);
+    let (gold, tests, entry, language) =
+        (s("gold")?, s("tests")?, s("entry_point")?, s("language")?);
+    let messages = messages_of(df.column("messages").ok()?)?;
+    let mut out = Vec::with_capacity(df.height());
+    for (i, messages) in messages.into_iter().enumerate() {
+        let name = category.get(i)?;
+        out.push(super::Prompt {
+            id: id.get(i)?.to_string(),
+            dataset: dataset.get(i)?.to_string(),
+            category: *super::Category::ALL.iter().find(|c| c.name() == name)?,
+            messages,
+            gold: gold.get(i).map(str::to_string),
+            tests: tests.get(i).map(str::to_string),
+            entry_point: entry.get(i).map(str::to_string),
+            language: language.get(i)?.to_string(),
+        });
+    }
+    Some(out)
+}
+
+/// The message lists of a `list<struct<role, content>>` column, read from its arrow arrays;
+/// `None` at a null list, message, role or content.
+fn messages_of(c: &Column) -> Option<Vec<Vec<super::Message>>> {
+    use polars_arrow::array::{Array, StructArray, Utf8ViewArray};
+    let lists = c.list().ok()?;
+    let mut out = Vec::with_capacity(lists.len());
+    for arr in lists.downcast_iter() {
+        let st = arr.values().as_any().downcast_ref::<StructArray>()?;
+        let field = |name: &str| {
+            let k = st.fields().iter().position(|f| f.name.as_str() == name)?;
+            st.values()[k].as_any().downcast_ref::<Utf8ViewArray>()
+        };
+        let (role, content) = (field("role")?, field("content")?);
+        let offsets = arr.offsets();
+        for i in 0..arr.len() {
+            if !arr.is_valid(i) {
+                return None;
+            }
+            let (a, b) = offsets.start_end(i);
+            let mut m = Vec::with_capacity(b - a);
+            for k in a..b {
+                if !(st.is_valid(k) && role.is_valid(k) && content.is_valid(k)) {
+                    return None;
+                }
+                m.push(super::Message {
+                    role: role.value(k).to_string(),
+                    content: content.value(k).to_string(),
+                });
+            }
+            out.push(m);
+        }
+    }
+    Some(out)
 }
 
 /// A `list<struct<role, content>>` column, one list per row, built as arrow arrays in one pass.
