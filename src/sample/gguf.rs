@@ -469,3 +469,100 @@ impl GgufModel {
         Ok((done, stats))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file;
+
+    /// A GGUF file of metadata only (no tensors: the errors under test come before any is read).
+    fn file_with(dir: &Path, meta: &[(&str, Value)]) -> PathBuf {
+        let path = dir.join("m.gguf");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut f, &refs, &[]).unwrap();
+        path
+    }
+
+    fn err(path: &Path) -> String {
+        match GgufModel::load(path, &Device::Cpu) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unsupported_files_are_named_with_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = |x: &str| Value::String(x.into());
+        let p = file_with(dir.path(), &[("general.architecture", s("gemma2"))]);
+        let e = err(&p);
+        assert!(
+            e.contains("m.gguf") && e.contains("architecture `gemma2` is not supported"),
+            "{e}"
+        );
+        let p = file_with(
+            dir.path(),
+            &[
+                ("general.architecture", s("llama")),
+                ("llama.context_length", Value::U32(64)),
+                ("tokenizer.ggml.model", s("llama")),
+            ],
+        );
+        let e = err(&p);
+        assert!(
+            e.contains("tokenizer model `llama` is not supported"),
+            "{e}"
+        );
+        let p = file_with(
+            dir.path(),
+            &[
+                ("general.architecture", s("qwen2")),
+                ("qwen2.context_length", Value::U32(64)),
+                ("tokenizer.ggml.model", s("gpt2")),
+                ("tokenizer.ggml.pre", s("deepseek-coder")),
+            ],
+        );
+        let e = err(&p);
+        assert!(
+            e.contains("pre-tokenizer `deepseek-coder` is not supported"),
+            "{e}"
+        );
+        let p = file_with(dir.path(), &[("general.architecture", s("llama"))]);
+        assert!(err(&p).contains("`llama.context_length` is missing"));
+        std::fs::write(dir.path().join("m.gguf"), b"GGUF but truncated").unwrap();
+        assert!(err(&dir.path().join("m.gguf")).contains("not a readable GGUF file"));
+    }
+
+    #[test]
+    fn tokenizer_from_metadata_matches_byte_level_bpe() {
+        // A 6-token vocabulary with one merge and a control token matched whole.
+        let s = |x: &str| Value::String(x.into());
+        let arr = |xs: &[&str]| Value::Array(xs.iter().map(|x| s(x)).collect());
+        let meta: Vec<(&str, Value)> = vec![
+            ("tokenizer.ggml.model", s("gpt2")),
+            ("tokenizer.ggml.pre", s("qwen2")),
+            (
+                "tokenizer.ggml.tokens",
+                arr(&["a", "b", "ab", "Ġ", "1", "<|end|>"]),
+            ),
+            ("tokenizer.ggml.merges", arr(&["a b"])),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array([1, 1, 1, 1, 1, 3].iter().map(|&t| Value::I32(t)).collect()),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = file_with(dir.path(), &meta);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = Content::read(&mut f).unwrap();
+        let tok = tokenizer_from_metadata(&content, &path).unwrap();
+        let ids = tok
+            .encode("ab a<|end|>1", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, vec![2, 3, 0, 5, 4]);
+        assert_eq!(tok.decode(&[2, 3, 0], false).unwrap(), "ab a");
+    }
+}
