@@ -54,7 +54,7 @@ bench-math:
 bench-construct:
     bash benches/construct.sh
 
-# Sampling throughput (8 samples x 256 prompts) vs transformers generate (installs torch into .venv); updates BENCHMARKS.md.
+# Sampling throughput (8 samples x 256 prompts) vs transformers generate and llama.cpp (server, batched-bench) on the same model as GGUF f32 (torch from .venv or the serve venv; llama.cpp built by scripts/llama-cpp.sh into ~/.cache/fuselab); updates BENCHMARKS.md.
 bench-sample:
     bash benches/sample.sh
 
