@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The GGUF backend's test source: tests/fixtures/gguf/make_gguf_fixture.py run in the serve venv
-# (torch + transformers, scripts/openai-server.sh's recipe) with llama.cpp's converter
+# (torch + transformers, scripts/serve-venv.sh) with llama.cpp's converter
 # (scripts/llama-cpp.sh). Cached outside the clone under a digest of the script, so a test run
 # makes it once. Prints the fixture directory (model-f32.gguf, model-q8_0.gguf, hf/, prompts.jsonl,
 # reference.json).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${FUSELAB_CACHE:-${HOME:-/tmp}/.cache/fuselab}
-venv=$cache/serve-venv
 script=$here/tests/fixtures/gguf/make_gguf_fixture.py
 key=$(cat "$script" "$here/scripts/llama-cpp.sh" | sha256sum | cut -c1-16)
 out=$cache/gguf-fixture-$key
@@ -15,16 +14,8 @@ mkdir -p "$cache"
 exec 9>"$cache/gguf-fixture.lock"
 flock 9
 if [ ! -f "$out/.complete" ]; then
-  exec 8>"$cache/serve-venv.lock"
-  flock 8
-  if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q torch "transformers[serving]==5.24.0" >&2
-  fi
   # The converter imports sentencepiece before it looks for a tokenizer.model.
-  "$venv/bin/python" -c "import sentencepiece" 2>/dev/null || "$venv/bin/pip" install -q sentencepiece >&2
-  flock -u 8
+  venv=$(bash "$here/scripts/serve-venv.sh" sentencepiece)
   converter=$(bash "$here/scripts/llama-cpp.sh" converter)
   rm -rf "$out.tmp"
   "$venv/bin/python" "$script" "$out.tmp" "$converter" "${FUSELAB_SHARED_DATA:-$here/../shared/data}" >&2

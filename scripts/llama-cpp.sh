@@ -2,7 +2,7 @@
 # llama.cpp's own GGUF converter (convert_hf_to_gguf.py with its `conversion` package and gguf-py),
 # taken from the llama-cpp-python sdist on PyPI (which vendors llama.cpp) and cached outside the
 # clone (${FUSELAB_CACHE:-~/.cache/fuselab}/llama.cpp-<version>). Runs in the serve venv (torch,
-# transformers), installed by scripts/openai-server.sh's recipe. `build` compiles llama.cpp's own
+# transformers), installed by scripts/serve-venv.sh. `build` compiles llama.cpp's own
 # tools from the same source for the benchmarks (cmake and ninja from PyPI in a venv beside it).
 # Idempotent; prints the directory.
 #   llama-cpp.sh converter      # -> the directory holding convert_hf_to_gguf.py
@@ -11,12 +11,12 @@ set -euo pipefail
 version=0.3.36
 cache=${FUSELAB_CACHE:-${HOME:-/tmp}/.cache/fuselab}
 dir=$cache/llama.cpp-$version
-venv=$cache/serve-venv
 mkdir -p "$cache"
 exec 9>"$cache/llama.cpp.lock"
 flock 9
-sdist() { # $1: destination file
-  local url
+sdist() { # prints the sdist's path, downloaded once into the cache
+  local url file=$cache/llama_cpp_python-$version.tar.gz
+  if [ -f "$file" ]; then echo "$file"; return; fi
   # The sdist's address from PyPI's JSON API (pip would build the package to download it).
   url=$(python3 - "$version" <<'PY'
 import json, sys, urllib.parse, urllib.request
@@ -26,7 +26,9 @@ files = d.get("releases", {}).get(sys.argv[1]) or (d["urls"] if d["info"]["versi
 print(urllib.parse.urljoin(api, [u["url"] for u in files if u["packagetype"] == "sdist"][0]))
 PY
 )
-  curl -sfL --retry 3 "$url" -o "$1"
+  curl -sfL --retry 3 "$url" -o "$file.tmp"
+  mv "$file.tmp" "$file"
+  echo "$file"
 }
 case ${1:-} in
   build)
@@ -34,9 +36,7 @@ case ${1:-} in
     if [ ! -f "$src/.complete" ] || [ ! -x "$src/build/bin/llama-server" ]; then
       rm -rf "$src"
       mkdir -p "$src"
-      sdist "$src/sdist.tar.gz"
-      tar xzf "$src/sdist.tar.gz" -C "$src" --strip-components=3 "llama_cpp_python-$version/vendor/llama.cpp"
-      rm "$src/sdist.tar.gz"
+      tar xzf "$(sdist)" -C "$src" --strip-components=3 "llama_cpp_python-$version/vendor/llama.cpp"
       [ -x "$cache/cmake-venv/bin/cmake" ] || { python3 -m venv "$cache/cmake-venv" && "$cache/cmake-venv/bin/pip" install -q cmake ninja >&2; }
       PATH=$cache/cmake-venv/bin:$PATH cmake -S "$src" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON >&2
@@ -49,12 +49,10 @@ case ${1:-} in
     if [ ! -f "$dir/.complete" ]; then
       rm -rf "$dir" "$dir.tmp"
       mkdir -p "$dir.tmp"
-      sdist "$dir.tmp/sdist.tar.gz"
-      tar xzf "$dir.tmp/sdist.tar.gz" -C "$dir.tmp" --strip-components=3 \
+      tar xzf "$(sdist)" -C "$dir.tmp" --strip-components=3 \
         "llama_cpp_python-$version/vendor/llama.cpp/convert_hf_to_gguf.py" \
         "llama_cpp_python-$version/vendor/llama.cpp/conversion" \
         "llama_cpp_python-$version/vendor/llama.cpp/gguf-py"
-      rm "$dir.tmp/sdist.tar.gz"
       touch "$dir.tmp/.complete"
       mv "$dir.tmp" "$dir"
     fi

@@ -1,26 +1,14 @@
 #!/usr/bin/env bash
 # A real OpenAI-compatible chat-completions server on loopback, for the endpoint client's tests:
 # Hugging Face's `transformers serve` (PyPI `transformers[serving]`, torch on CPU) serving one local
-# checkpoint. Installed idempotently into a venv cached outside the clone
-# (${FUSELAB_CACHE:-~/.cache/fuselab}/serve-venv).
+# checkpoint, from the venv scripts/serve-venv.sh installs outside the clone.
 #   openai-server.sh start <port> <checkpoint dir> <pid file>   # returns once /health answers
 #   openai-server.sh stop <pid file>
 set -euo pipefail
-cache=${FUSELAB_CACHE:-${HOME:-/tmp}/.cache/fuselab}
-venv=$cache/serve-venv
 case ${1:-} in
   start)
     port=$2 model=$3 pidfile=$4
-    mkdir -p "$cache"
-    # One installer at a time (parallel tests share the venv).
-    exec 9>"$cache/serve-venv.lock"
-    flock 9
-    if ! "$venv/bin/python" -c "import torch, transformers, fastapi, uvicorn" 2>/dev/null; then
-      rm -rf "$venv"
-      python3 -m venv "$venv"
-      "$venv/bin/pip" install -q torch "transformers[serving]==5.24.0" >&2
-    fi
-    flock -u 9
+    venv=$(bash "$(dirname "$0")/serve-venv.sh")
     log=${pidfile%.pid}.log
     "$venv/bin/transformers" serve "$model" --host 127.0.0.1 --port "$port" --device cpu >"$log" 2>&1 &
     echo $! >"$pidfile"

@@ -362,17 +362,41 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     // A checkpoint directory runs on our decoder, a .gguf file on candle-transformers' quantized
     // models; both feed the same chunked job.
-    let (local, gguf) = if is_gguf {
+    enum Loaded {
+        Local(Box<(Checkpoint, Decoder)>),
+        Gguf(Box<fuselab::sample::gguf::GgufModel>),
+    }
+    let loaded = if is_gguf {
         let g = fuselab::sample::gguf::GgufModel::load(&a.model, &device)?;
         for w in &g.warnings {
             eprintln!("warning: {w}");
         }
-        (None, Some(g))
+        Loaded::Gguf(Box::new(g))
     } else {
         let ck = Checkpoint::open(&a.model)?;
         let w = load_weights(&ck.dir, &ck.config, &device, parse_dtype(&a.device.dtype)?)?;
         let decoder = Decoder::new(ck.config.clone(), w)?;
-        (Some((ck, decoder)), None)
+        Loaded::Local(Box::new((ck, decoder)))
+    };
+    let (model, stops) = match &loaded {
+        Loaded::Local(local) => (
+            Model {
+                decoder: &local.1,
+                tokenizer: local.0.tokenizer()?,
+                template: local.0.template()?,
+                identity: fuselab::train::model_identity(&local.0.dir)?,
+            },
+            local.0.stop_token_ids(),
+        ),
+        Loaded::Gguf(g) => (
+            Model {
+                decoder: g.as_ref(),
+                tokenizer: &g.tokenizer,
+                template: &g.template,
+                identity: g.identity()?,
+            },
+            g.stop_token_ids.clone(),
+        ),
     };
     let prompts: Vec<Prompt> = read_records(&a.prompts)?;
     let source = a.source.clone().unwrap_or_else(|| {
@@ -382,11 +406,6 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let stops = match (&local, &gguf) {
-        (Some((ck, _)), _) => ck.stop_token_ids(),
-        (_, Some(g)) => g.stop_token_ids.clone(),
-        _ => unreachable!("one backend is loaded"),
-    };
     let spec = source_spec(a, source, stops);
     let total: u64 = prompts.iter().map(|p| spec.n_for(p.category) as u64).sum();
     let work_dir = a.work_dir.clone().unwrap_or_else(|| {
@@ -394,21 +413,6 @@ pub fn sample(store: &std::path::Path, a: &crate::cli::SampleArgs) -> Status {
         name.push(".chunks");
         a.out.with_file_name(name)
     });
-    let model = match (&local, &gguf) {
-        (Some((ck, decoder)), _) => Model {
-            decoder,
-            tokenizer: ck.tokenizer()?,
-            template: ck.template()?,
-            identity: fuselab::train::model_identity(&ck.dir)?,
-        },
-        (_, Some(g)) => Model {
-            decoder: g,
-            tokenizer: &g.tokenizer,
-            template: &g.template,
-            identity: g.identity()?,
-        },
-        _ => unreachable!("one backend is loaded"),
-    };
     let bar = bar(total);
     let started = std::time::Instant::now();
     let on_progress = |samples: u64, tokens: u64| {

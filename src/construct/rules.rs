@@ -479,20 +479,12 @@ pub fn apply(
         .map(|r| r.prompt_id.as_str())
         .chain(dpo_rows.iter().map(|r| r.prompt_id.as_str()))
         .collect();
-    let pos_of: HashMap<&str, u32> = live
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.id.as_str(), i as u32))
-        .collect();
     let mut dropped = Vec::new();
-    for p in live {
+    for (pos, p) in live.iter().enumerate() {
         if done.contains(p.id.as_str()) {
             continue;
         }
-        let f = facts
-            .get(&pos_of[p.id.as_str()])
-            .copied()
-            .unwrap_or_default();
+        let f = facts.get(&(pos as u32)).copied().unwrap_or_default();
         let is_sft = split[&p.id];
         let checked = matches!(p.category, Category::Math | Category::Code);
         let reason = if f.n == 0 {

@@ -596,10 +596,10 @@ pub fn read_kind_frame(path: &Path, kind: RecordKind) -> Result<DataFrame, DataE
         return Ok(df);
     }
     match kind {
-        RecordKind::Samples => samples_frame(&read_records(path)?),
-        RecordKind::Annotations => annotations_frame(&read_records(path)?),
-        RecordKind::Prompts => to_frame(&read_records::<super::Prompt>(path)?, path),
-        RecordKind::Sft => to_frame(&read_records::<super::SftRow>(path)?, path),
-        RecordKind::Dpo => to_frame(&read_records::<super::DpoPair>(path)?, path),
+        RecordKind::Samples => super::Sample::frame(&read_records(path)?, path),
+        RecordKind::Annotations => super::Annotation::frame(&read_records(path)?, path),
+        RecordKind::Prompts => super::Prompt::frame(&read_records(path)?, path),
+        RecordKind::Sft => super::SftRow::frame(&read_records(path)?, path),
+        RecordKind::Dpo => super::DpoPair::frame(&read_records(path)?, path),
     }
 }

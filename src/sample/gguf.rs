@@ -140,10 +140,9 @@ impl GgufModel {
         }
         let context = md_u32(&content, path, &format!("{architecture}.context_length"))? as usize;
         let tokenizer = tokenizer_from_metadata(&content, path)?;
-        let tokens = md_strings(&content, path, "tokenizer.ggml.tokens")?;
         let token = |key: &str| -> Option<(u32, String)> {
             let id = md_u32(&content, path, key).ok()?;
-            tokens.get(id as usize).map(|t| (id, t.clone()))
+            tokenizer.id_to_token(id).map(|t| (id, t))
         };
         let bos = token("tokenizer.ggml.bos_token_id");
         let eos = token("tokenizer.ggml.eos_token_id");
