@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Annotation, Category, DataError, DpoPair, Prompt, Sample, SftRow};
 
+/// The columns of a samples table that construction reads.
+pub const SAMPLE_COLUMNS: &[&str] = &["prompt_id", "source", "sample_index", "text"];
+/// The columns of an annotations table that construction reads.
+pub const ANNOTATION_COLUMNS: &[&str] =
+    &["prompt_id", "source", "sample_index", "score", "correct"];
+
 /// Which source supplies the DPO pair when the pairs of several sources fit the gap window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -307,13 +313,13 @@ pub fn construct(
 
 /// Which prompts go to SFT (true) and which to DPO: per (dataset, category), prompts ordered by a
 /// seeded hash of their id, the first round(fraction * n) to SFT. Exact, and independent of the
-/// input order. SFT-only prompts are always SFT.
-fn split(prompts: &[&Prompt], params: &ConstructParams) -> HashMap<String, bool> {
-    let mut groups: BTreeMap<(&str, Category), Vec<(blake3::Hash, &str)>> = BTreeMap::new();
-    let mut out = HashMap::with_capacity(prompts.len());
-    for p in prompts {
+/// input order. SFT-only prompts are always SFT. By position in `prompts`.
+fn split(prompts: &[&Prompt], params: &ConstructParams) -> Vec<bool> {
+    type Group<'a> = Vec<(blake3::Hash, &'a str, usize)>;
+    let mut groups: BTreeMap<(&str, Category), Group> = BTreeMap::new();
+    let mut out = vec![true; prompts.len()];
+    for (pos, p) in prompts.iter().enumerate() {
         if params.sft_only(p) {
-            out.insert(p.id.clone(), true);
             continue;
         }
         let mut h = blake3::Hasher::new();
@@ -322,13 +328,13 @@ fn split(prompts: &[&Prompt], params: &ConstructParams) -> HashMap<String, bool>
         groups
             .entry((p.dataset.as_str(), p.category))
             .or_default()
-            .push((h.finalize(), p.id.as_str()));
+            .push((h.finalize(), p.id.as_str(), pos));
     }
     for ((_, cat), mut ids) in groups {
-        ids.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(b.1)));
+        ids.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(b.1)));
         let n_sft = (params.fraction(cat) * ids.len() as f64).round() as usize;
-        for (i, (_, id)) in ids.into_iter().enumerate() {
-            out.insert(id.to_string(), i < n_sft);
+        for (i, &(_, _, pos)) in ids.iter().enumerate() {
+            out[pos] = i < n_sft;
         }
     }
     out
@@ -471,8 +477,14 @@ pub fn write_outputs(
     }
     let tmp = crate::fs::temp_dir_beside(out).map_err(io(out))?;
     let result = (|| {
-        crate::data::write_records(&c.sft, &tmp.join("sft.parquet"))?;
-        crate::data::write_records(&c.dpo, &tmp.join("dpo.parquet"))?;
+        // The two tables are independent files: encode and compress them side by side.
+        let (sft, dpo) = std::thread::scope(|s| {
+            let sft = s.spawn(|| crate::data::write_records(&c.sft, &tmp.join("sft.parquet")));
+            let dpo = crate::data::write_records(&c.dpo, &tmp.join("dpo.parquet"));
+            (sft.join().expect("the SFT writer does not panic"), dpo)
+        });
+        sft?;
+        dpo?;
         let mut dropped = Vec::new();
         for d in &c.dropped {
             serde_json::to_writer(&mut dropped, d).expect("serialises");

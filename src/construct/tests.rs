@@ -365,10 +365,10 @@ fn split_ratio_per_dataset_and_category() {
     let p = params(0.4);
     let s = split(&live, &p);
     let mut groups: BTreeMap<(String, Category), (usize, usize)> = BTreeMap::new();
-    for q in &w.prompts {
+    for (i, q) in w.prompts.iter().enumerate() {
         let e = groups.entry((q.dataset.clone(), q.category)).or_default();
         e.0 += 1;
-        e.1 += s[&q.id] as usize;
+        e.1 += s[i] as usize;
     }
     for ((_, cat), (n, sft)) in groups {
         if cat == Category::SecondLanguage {
@@ -387,8 +387,9 @@ fn split_ratio_per_dataset_and_category() {
     assert!(w
         .prompts
         .iter()
-        .filter(|q| q.category == Category::Math)
-        .all(|q| s2[&q.id]));
+        .zip(&s2)
+        .filter(|(q, _)| q.category == Category::Math)
+        .all(|(_, &sft)| sft));
 }
 
 #[test]
@@ -488,6 +489,14 @@ fn bad_inputs_name_the_record() {
     w.notes[0].score = None;
     let e = construct_records(&w.prompts, &w.samples, &w.notes, &[], &params(1.0)).unwrap_err();
     assert!(e.to_string().contains("no reward score"), "{e}");
+    // A NaN score has no place in "best" and "worst"; it is refused, not ranked somewhere.
+    w.notes[0].score = Some(f64::NAN);
+    let e = construct_records(&w.prompts, &w.samples, &w.notes, &[], &params(1.0)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("answer 0 of source a to prompt m has a NaN reward score"),
+        "{e}"
+    );
     w.notes[0].score = Some(0.9);
     w.samples[0].prompt_id = "ghost".into();
     let e = construct_records(&w.prompts, &w.samples, &w.notes, &[], &params(1.0)).unwrap_err();

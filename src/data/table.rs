@@ -222,6 +222,16 @@ pub fn is_parquet(path: &Path) -> bool {
 
 /// A Parquet file as a frame, with the kind it was tagged with (if it is one of ours).
 pub fn read_frame(path: &Path) -> Result<(DataFrame, Option<RecordKind>), DataError> {
+    read_frame_checked(path, None, None)
+}
+
+/// [`read_frame`], refusing a file that lacks a column of `needs` (named in the error) before
+/// decoding anything, and decoding only `columns` when given.
+fn read_frame_checked(
+    path: &Path,
+    needs: Option<(RecordKind, &Schema)>,
+    columns: Option<&[&str]>,
+) -> Result<(DataFrame, Option<RecordKind>), DataError> {
     crate::fs::require_regular(path).map_err(io_err(path))?;
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut reader = ParquetReader::new(file);
@@ -236,6 +246,28 @@ pub fn read_frame(path: &Path) -> Result<(DataFrame, Option<RecordKind>), DataEr
                 .and_then(|e| e.value.as_deref())
                 .and_then(RecordKind::from_name)
         });
+    if let Some((wanted, schema)) = needs {
+        if let Some(k) = kind.filter(|k| *k != wanted) {
+            return Err(DataError::file(
+                path,
+                format!("holds {} records, expected {}", k.name(), wanted.name()),
+            ));
+        }
+        let have = reader.schema().map_err(polars_err(path))?;
+        if let Some(f) = schema.iter_fields().find(|f| have.get(f.name()).is_none()) {
+            return Err(DataError::file(
+                path,
+                format!(
+                    "no column `{}`, which {} tables have",
+                    f.name(),
+                    wanted.name()
+                ),
+            ));
+        }
+    }
+    if let Some(cols) = columns {
+        reader = reader.with_columns(Some(cols.iter().map(|c| c.to_string()).collect()));
+    }
     let df = reader.finish().map_err(polars_err(path))?;
     Ok((df, kind))
 }
@@ -573,28 +605,28 @@ pub fn annotations_frame(rows: &[super::Annotation]) -> Result<DataFrame, DataEr
 /// A table of `kind` from a file: Parquet read as is (checked for the columns the kind needs),
 /// JSONL through the typed records.
 pub fn read_kind_frame(path: &Path, kind: RecordKind) -> Result<DataFrame, DataError> {
+    read_kind_columns(path, kind, None)
+}
+
+/// [`read_kind_frame`] keeping only `columns` (when given); a Parquet file decodes no other
+/// column, though it must still have every column of its kind.
+pub fn read_kind_columns(
+    path: &Path,
+    kind: RecordKind,
+    columns: Option<&[&str]>,
+) -> Result<DataFrame, DataError> {
     if is_parquet(path) {
-        let (df, tagged) = read_frame(path)?;
-        if let Some(k) = tagged.filter(|k| *k != kind) {
-            return Err(DataError::file(
-                path,
-                format!("holds {} records, expected {}", k.name(), kind.name()),
-            ));
-        }
-        for f in kind.schema().iter_fields() {
-            if df.column(f.name()).is_err() {
-                return Err(DataError::file(
-                    path,
-                    format!(
-                        "no column `{}`, which {} tables have",
-                        f.name(),
-                        kind.name()
-                    ),
-                ));
-            }
-        }
-        return Ok(df);
+        let schema = kind.schema();
+        return Ok(read_frame_checked(path, Some((kind, &schema)), columns)?.0);
     }
+    let df = read_kind_records(path, kind)?;
+    match columns {
+        Some(cols) => df.select(cols.iter().copied()).map_err(polars_err(path)),
+        None => Ok(df),
+    }
+}
+
+fn read_kind_records(path: &Path, kind: RecordKind) -> Result<DataFrame, DataError> {
     match kind {
         RecordKind::Samples => super::Sample::frame(&read_records(path)?, path),
         RecordKind::Annotations => super::Annotation::frame(&read_records(path)?, path),

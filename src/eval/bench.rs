@@ -219,8 +219,16 @@ pub fn shared_data() -> PathBuf {
     if let Some(p) = std::env::var_os("FUSELAB_SHARED_DATA") {
         return PathBuf::from(p);
     }
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.join("../shared/data")
+    // The build's checkout first; a binary built from another checkout path (a shared target
+    // directory) falls back to the `shared` beside the working directory's checkout.
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if built.is_dir() {
+        return built;
+    }
+    match std::env::current_dir() {
+        Ok(cwd) if cwd.join("../shared/data").is_dir() => cwd.join("../shared/data"),
+        _ => built,
+    }
 }
 
 /// Load a benchmark by built-in name or from a file. A file is either a JSON object
