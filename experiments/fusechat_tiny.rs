@@ -206,6 +206,7 @@ pub(crate) fn params() -> FusionParams {
             },
             engine: "candle".into(),
             launch: Default::default(),
+            target_sampling: None,
         },
         eval: EvalStage {
             max_new_tokens: 64,

@@ -6,7 +6,8 @@
 //! suite -> tokenizer -> src-{llama,qwen2,mistral,gemma2}  (each trained from scratch on its mix)
 //!               \----> base (the smaller target)  -> reward-model (pairs labelled by verifiers)
 //! src-* -> sample-* -> annotate (RM scores, math / code verdicts) -> construct (decontaminated)
-//! base + construct -> sft -> dpo (the fused target)
+//! base + construct -> sft -> dpo (the fused target); for WRPO sft -> sample-target ->
+//!   annotate-target -> dpo (the target's own best answer to each DPO prompt)
 //! eval-<model>-<category> for base, sft, fused and every source -> the report
 //! ```
 
@@ -99,6 +100,38 @@ pub struct DpoStage {
     pub engine: String,
     /// How the TRL engine launches (processes, ZeRO-3, CPU, bf16).
     pub launch: crate::train::external::Launch,
+    /// WRPO only: how the SFT model answers the DPO prompts; its best answer by the reward model
+    /// (a correct one for math and code) is each pair's target-preferred answer. Unset: the
+    /// sources' sampler at temperature 0.8, top-p 0.95, 5 / 8 / 8 answers per instruction / math
+    /// / code prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_sampling: Option<TargetSampling>,
+}
+
+/// How the target samples its own answers for WRPO.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetSampling {
+    pub sampling: SamplingParams,
+    pub samples_per_category: BTreeMap<Category, u32>,
+}
+
+impl Default for TargetSampling {
+    fn default() -> Self {
+        TargetSampling {
+            sampling: SamplingParams {
+                max_new_tokens: 64,
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: 23,
+                ..Default::default()
+            },
+            samples_per_category: BTreeMap::from([
+                (Category::Instruction, 5),
+                (Category::Math, 8),
+                (Category::Code, 8),
+            ]),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -221,10 +254,31 @@ pub fn build(exp: &mut Experiment, p: &FusionParams) -> Result<()> {
         steps::sft,
     )?;
     let fused = if p.dpo.enabled {
+        let mut dpo_inputs = vec![sft, constructed];
+        if matches!(p.dpo.loss, DpoLoss::Wrpo { .. }) {
+            // WRPO's target-preferred answers: the SFT model answers the DPO prompts, the reward
+            // model and the verifiers judge them as they judged the sources'.
+            let ts = p.dpo.target_sampling.clone().unwrap_or_default();
+            let sampled = exp.step(
+                step("sample-target").kind("fusechat/sample-target"),
+                &json!({"source": "sft", "sampling": ts.sampling,
+                        "samples_per_category": ts.samples_per_category,
+                        "stage": p.sampling, "device": p.device}),
+                &[suite, sft, constructed],
+                steps::sample_target,
+            )?;
+            let judged = exp.step(
+                step("annotate-target").kind("fusechat/annotate-target"),
+                &json!({"samples": ["sample-target"], "device": p.device, "jobs": p.eval.jobs}),
+                &[suite, reward, sampled, constructed],
+                steps::annotate_target,
+            )?;
+            dpo_inputs.extend([sampled, judged]);
+        }
         exp.step(
             step("dpo").kind("fusechat/dpo"),
             &json!({"dpo": p.dpo, "device": p.device}),
-            &[sft, constructed],
+            &dpo_inputs,
             steps::dpo,
         )?
     } else {

@@ -21,7 +21,8 @@ use crate::recipe::{BoxError, StepCtx};
 use crate::reward::{RewardModel, RewardObjective};
 use crate::synth::{suite as make_suite, Split, SuiteParams, Task};
 use crate::train::{
-    train, DpoObjective, Hooks, Objective, RunPaths, SftObjective, TrainConfig, TrainSummary,
+    train, DpoLoss, DpoObjective, Hooks, Objective, RunPaths, SftObjective, TrainConfig,
+    TrainSummary,
 };
 
 pub(crate) fn field<T: serde::de::DeserializeOwned>(
@@ -389,6 +390,75 @@ fn all_samples(ctx: &StepCtx) -> Result<Vec<Sample>, BoxError> {
     Ok(out)
 }
 
+/// The sampling prompts that construction made DPO pairs of.
+fn dpo_prompts(ctx: &StepCtx) -> Result<Vec<Prompt>, BoxError> {
+    let tasks = read_tasks(ctx.input("suite")?)?;
+    let pairs: Vec<crate::data::DpoPair> =
+        read_records(&ctx.input("construct")?.join("dpo.parquet"))?;
+    let ids: std::collections::BTreeSet<&str> =
+        pairs.iter().map(|d| d.prompt_id.as_str()).collect();
+    Ok(sampling_prompts(&tasks)
+        .into_iter()
+        .filter(|p| ids.contains(p.id.as_str()))
+        .collect())
+}
+
+/// WRPO: the SFT model answers the DPO prompts, N per prompt by category.
+pub fn sample_target(ctx: &mut StepCtx) -> R {
+    let prompts = dpo_prompts(ctx)?;
+    sample_prompts(ctx, &prompts)
+}
+
+/// WRPO: reward-model scores and math / code verdicts of the SFT model's answers.
+pub fn annotate_target(ctx: &mut StepCtx) -> R {
+    let prompts = dpo_prompts(ctx)?;
+    annotate_prompts(ctx, &prompts)?;
+    Ok(())
+}
+
+/// Per prompt, the target's best answer by reward-model score among the eligible ones (correct
+/// for math and code, as construction's chosen answers are); ties go to the first sample.
+fn target_preferred(
+    pairs: &[crate::data::DpoPair],
+    samples: &[Sample],
+    notes: &[Annotation],
+) -> BTreeMap<String, String> {
+    let checked: BTreeMap<&str, bool> = pairs
+        .iter()
+        .map(|d| {
+            (
+                d.prompt_id.as_str(),
+                matches!(d.category, Category::Math | Category::Code),
+            )
+        })
+        .collect();
+    let note: BTreeMap<(&str, u32), &Annotation> = notes
+        .iter()
+        .map(|a| ((a.prompt_id.as_str(), a.sample_index), a))
+        .collect();
+    let mut best: BTreeMap<&str, (f64, u32, &str)> = BTreeMap::new();
+    for s in samples {
+        let Some(a) = note.get(&(s.prompt_id.as_str(), s.sample_index)) else {
+            continue;
+        };
+        let (Some(score), Some(&check)) = (a.score, checked.get(s.prompt_id.as_str())) else {
+            continue;
+        };
+        if (check && a.correct != Some(true)) || s.text.trim().is_empty() {
+            continue;
+        }
+        let e = best
+            .entry(s.prompt_id.as_str())
+            .or_insert((score, s.sample_index, &s.text));
+        if score > e.0 || (score == e.0 && s.sample_index < e.1) {
+            *e = (score, s.sample_index, &s.text);
+        }
+    }
+    best.into_iter()
+        .map(|(id, (_, _, text))| (id.to_string(), text.to_string()))
+        .collect()
+}
+
 /// Reward-model scores of every sample, and math / code verdicts.
 pub fn annotate(ctx: &mut StepCtx) -> R {
     let tasks = read_tasks(ctx.input("suite")?)?;
@@ -561,13 +631,38 @@ pub fn dpo(ctx: &mut StepCtx) -> R {
         .filter(|d| !blank(&d.chosen) && !blank(&d.rejected))
         .collect();
     ctx.metric("pairs/empty_dropped", (pairs.len() - kept.len()) as f64);
+    let target = if matches!(p.loss, DpoLoss::Wrpo { .. }) {
+        let samples: Vec<Sample> =
+            read_records(&ctx.input("sample-target")?.join("samples.parquet"))?;
+        let notes: Vec<Annotation> =
+            read_records(&ctx.input("annotate-target")?.join("annotations.parquet"))?;
+        Some(target_preferred(&pairs, &samples, &notes))
+    } else {
+        None
+    };
+    let mut fallback = 0usize;
     for d in kept {
-        let v = json!({"prompt": d.prompt, "chosen": d.chosen, "rejected": d.rejected});
+        let mut v = json!({"prompt": d.prompt, "chosen": d.chosen, "rejected": d.rejected});
+        if let Some(target) = &target {
+            // Where the target has no eligible answer of its own, the source's chosen answer
+            // stands in for it (WRPO then reduces to DPO on that pair); counted below.
+            let answer = match target.get(&d.prompt_id) {
+                Some(text) => json!([{"role": "assistant", "content": text}]),
+                None => {
+                    fallback += 1;
+                    json!(d.chosen)
+                }
+            };
+            v["chosen_target"] = answer;
+        }
         if held_out(&d.prompt_id, p.train.seed, p.eval_fraction) {
             ev.push(v);
         } else {
             tr.push(v);
         }
+    }
+    if target.is_some() {
+        ctx.metric("pairs/target_fallback", fallback as f64);
     }
     if tr.is_empty() {
         return Err("construction produced no DPO pair outside the held-out share".into());
@@ -689,4 +784,81 @@ pub fn eval(ctx: &mut StepCtx) -> R {
         paper: None,
     };
     evaluate_checkpoint(ctx, &bench, &dir, &spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DpoPair, Message};
+
+    fn pair(id: &str, category: Category) -> DpoPair {
+        DpoPair {
+            prompt_id: id.into(),
+            dataset: "d".into(),
+            category,
+            source: "s".into(),
+            prompt: vec![Message::new("user", "q")],
+            chosen: vec![Message::new("assistant", "c")],
+            rejected: vec![Message::new("assistant", "r")],
+            chosen_index: 0,
+            rejected_index: 1,
+            chosen_score: Some(1.0),
+            rejected_score: Some(0.0),
+        }
+    }
+
+    fn answer(
+        id: &str,
+        i: u32,
+        text: &str,
+        score: f64,
+        correct: Option<bool>,
+    ) -> (Sample, Annotation) {
+        let s = Sample {
+            prompt_id: id.into(),
+            source: "sft".into(),
+            sample_index: i,
+            seed: 0,
+            text: text.into(),
+            tokens: 1,
+            finish: "stop_token".into(),
+        };
+        let a = Annotation {
+            prompt_id: id.into(),
+            source: "sft".into(),
+            sample_index: i,
+            score: Some(score),
+            correct,
+            reason: None,
+        };
+        (s, a)
+    }
+
+    #[test]
+    fn the_target_prefers_its_best_eligible_answer() {
+        let pairs = [
+            pair("i", Category::Instruction),
+            pair("m", Category::Math),
+            pair("c", Category::Code),
+        ];
+        let (samples, notes): (Vec<_>, Vec<_>) = [
+            // Instruction: the highest score wins; a tie goes to the first sample; a blank
+            // answer never does.
+            answer("i", 0, "a", 0.5, None),
+            answer("i", 1, "b", 0.9, None),
+            answer("i", 2, "c", 0.9, None),
+            answer("i", 3, " ", 5.0, None),
+            // Math: only a correct answer is eligible, however the RM scores a wrong one.
+            answer("m", 0, "wrong", 3.0, Some(false)),
+            answer("m", 1, "right", 1.0, Some(true)),
+            // Code: nothing passes, so nothing is preferred (the pair falls back).
+            answer("c", 0, "fails", 2.0, Some(false)),
+        ]
+        .into_iter()
+        .unzip();
+        let best = target_preferred(&pairs, &samples, &notes);
+        assert_eq!(best.get("i").map(String::as_str), Some("b"));
+        assert_eq!(best.get("m").map(String::as_str), Some("right"));
+        assert_eq!(best.get("c"), None);
+    }
 }

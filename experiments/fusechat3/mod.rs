@@ -369,6 +369,7 @@ fn defaults(t: &Target) -> ScaleParams {
                 cpu: false,
                 bf16: true,
             },
+            target_sampling: None,
         },
         eval: ScaleEval {
             benchmarks: vec!["humaneval".into()],

@@ -229,6 +229,29 @@ fn fusechat_micro_runs_every_step_reproducibly_with_full_lineage() {
         "{models:?}"
     );
 
+    // WRPO needs the target's own preferred answers: the SFT model answers the DPO prompts, the
+    // reward model and verifiers judge them, and DPO trains on three answers per row.
+    let w = t.json(&[
+        "run",
+        "fusechat-micro",
+        "--set",
+        r#"dpo.loss={"type":"wrpo","alpha":0.1,"dynamic":true,"label_smoothing":0.0}"#,
+    ]);
+    let mut ran = steps_with(&w, "ran");
+    ran.sort();
+    assert_eq!(
+        ran,
+        [
+            "annotate-target",
+            "dpo",
+            "eval-fused-code",
+            "eval-fused-instruction",
+            "eval-fused-math",
+            "eval-fused-second-language",
+            "sample-target"
+        ]
+    );
+
     // Re-executing every step reproduces every digest bit for bit.
     let v = t.json(&["verify", "fusechat-micro"]);
     let bad: Vec<&Value> = v
