@@ -499,11 +499,17 @@ fn diagnostics(ctx: &mut StepCtx, tasks: &[Task], samples: &[Sample], ann: &[Ann
     let by_id: BTreeMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
     let mut rate: BTreeMap<(String, &str), (usize, usize)> = BTreeMap::new();
     let mut best: BTreeMap<&str, (f64, bool, bool)> = BTreeMap::new();
+    // Math answers the verifier accepts, and how many of those show right working.
+    let (mut math_ok, mut math_sound) = (0usize, 0usize);
     for (s, a) in samples.iter().zip(ann) {
         let Some(t) = by_id.get(s.prompt_id.as_str()) else {
             continue;
         };
         let ok = a.correct.or_else(|| t.check(&s.text)).unwrap_or(false);
+        if ok && t.category == Category::Math {
+            math_ok += 1;
+            math_sound += crate::synth::steps_sound(&s.text) as usize;
+        }
         let e = rate
             .entry((s.source.clone(), t.category.name()))
             .or_default();
@@ -527,6 +533,10 @@ fn diagnostics(ctx: &mut StepCtx, tasks: &[Task], samples: &[Sample], ann: &[Ann
             k as f64 / n.max(1) as f64,
         );
     }
+    ctx.metric(
+        "math/correct_with_sound_steps",
+        math_sound as f64 / math_ok.max(1) as f64,
+    );
     let n = best.len().max(1) as f64;
     ctx.metric(
         "instruction/rm_best_correct",

@@ -94,6 +94,33 @@ impl Task {
     }
 }
 
+/// Whether a word problem's worked steps hold: at least one line `a op b = c` (op `+`, `-`, `*`)
+/// and every such line arithmetically right. The math verifier, like math-verify, judges the final
+/// answer only; this tells a right answer from a lucky one in the suite's own format.
+pub fn steps_sound(text: &str) -> bool {
+    let mut steps = 0;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [a, op, b, "=", c] = parts[..] else {
+            continue;
+        };
+        let (Ok(a), Ok(b), Ok(c)) = (a.parse::<i64>(), b.parse::<i64>(), c.parse::<i64>()) else {
+            return false;
+        };
+        let value = match op {
+            "+" => a.checked_add(b),
+            "-" => a.checked_sub(b),
+            "*" => a.checked_mul(b),
+            _ => return false,
+        };
+        if value != Some(c) {
+            return false;
+        }
+        steps += 1;
+    }
+    steps > 0
+}
+
 /// The last non-empty line, trimmed: where the suite's answers put the result.
 pub fn final_line(text: &str) -> &str {
     text.lines()

@@ -193,3 +193,19 @@ fn code_references_pass_in_the_sandbox_and_stubs_fail() {
         );
     }
 }
+
+#[test]
+fn worked_steps_are_checked_line_by_line() {
+    assert!(steps_sound("5 + 4 = 9\n9 - 2 = 7\n7 * 3 = 21\n#### 21"));
+    // A right final answer over a wrong step (what small sources write) is not sound.
+    assert!(!steps_sound("6 + 3 = 8\n#### 9"));
+    assert!(!steps_sound("1 加 7 = 17\n#### 8"));
+    assert!(!steps_sound("#### 9"), "no step at all");
+    assert!(!steps_sound("5 + x = 9"));
+    // Every reference of the suite is sound.
+    let a = suite(&params(4)).unwrap();
+    assert!(a
+        .iter()
+        .filter(|t| t.category == Category::Math)
+        .all(|t| steps_sound(&t.reference)));
+}
