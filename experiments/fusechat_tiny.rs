@@ -163,7 +163,10 @@ pub(crate) fn params() -> FusionParams {
             // 6.6% of sampling prompts, two: 13.8%, with 20% answerable; held-out pairs 79 -> 85%).
             pairs_per_task: 2,
             eval_fraction: 0.1,
-            train: train(2e-3, 1, 16, 192),
+            // Two epochs (dev): its favourite instruction answer is correct on 20.0% of sampling
+            // prompts (one epoch: 13.8%), which is every prompt where any source answered right;
+            // dev fused 27.25 -> 28.25, instruction 16.5 -> 18.0. About 3 minutes more.
+            train: train(2e-3, 2, 16, 192),
             seed: 5,
         },
         sampling: SamplingStage {
