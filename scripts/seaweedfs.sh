@@ -47,7 +47,16 @@ JSON
     ;;
   stop)
     pidfile=$2
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    [ -f "$pidfile" ] || exit 0
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || exit 0
+    # `weed mini` can hang in its graceful shutdown (the tests delete its data directory right
+    # after): give it five seconds, then kill it outright, so no server outlives its test.
+    for _ in $(seq 50); do
+      kill -0 "$pid" 2>/dev/null || exit 0
+      sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
     ;;
   *) echo "usage: $0 start <dir> <port base> <pidfile> | stop <pidfile>" >&2; exit 2 ;;
 esac
