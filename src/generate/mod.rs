@@ -176,22 +176,49 @@ pub fn pick(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Rng)
     order[probs.len() - 1] as u32
 }
 
-/// Token ids by descending logit (`f32::total_cmp`), ties by ascending id. One u64 key per token
-/// (the logit's total order as an unsigned integer, inverted, above the id) sorts as plain
-/// integers: the order of a stable comparison sort, several times faster over a vocabulary
-/// (the comparison sort was 15% of a 64-slot sampling run).
+/// Token ids by descending logit (`f32::total_cmp`), ties by ascending id. Each token's logit is
+/// mapped to a u32 whose unsigned order is the descending total order; a stable least-significant-
+/// digit radix sort of (key, id) pairs taken in id order then yields exactly the order of a stable
+/// comparison sort. Over a vocabulary that is a few linear passes (bytes every key shares are
+/// skipped) instead of n log n comparisons: the comparison sort was 15% of a 64-slot sampling run,
+/// the integer sort that replaced it still 6%.
 fn candidate_order(logits: &[f32]) -> Vec<usize> {
-    let mut keys: Vec<u64> = logits
+    let key = |x: f32| {
+        let b = x.to_bits();
+        !(if b >> 31 == 1 { !b } else { b | 0x8000_0000 })
+    };
+    let n = logits.len();
+    let mut a: Vec<(u32, u32)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &x)| {
-            let b = x.to_bits();
-            let ascending = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
-            (u64::from(!ascending) << 32) | i as u64
-        })
+        .map(|(i, &x)| (key(x), i as u32))
         .collect();
-    keys.sort_unstable();
-    keys.iter().map(|k| (k & 0xffff_ffff) as usize).collect()
+    let mut counts = [[0usize; 256]; 4];
+    for &(k, _) in &a {
+        for (d, c) in counts.iter_mut().enumerate() {
+            c[(k >> (8 * d)) as usize & 0xff] += 1;
+        }
+    }
+    let mut b = vec![(0u32, 0u32); n];
+    for (d, c) in counts.iter().enumerate() {
+        // A byte every key shares leaves the order as it is.
+        if c.iter().any(|&x| x == n) {
+            continue;
+        }
+        let mut start = [0usize; 256];
+        let mut acc = 0;
+        for (s, &x) in start.iter_mut().zip(c) {
+            *s = acc;
+            acc += x;
+        }
+        for &(k, i) in &a {
+            let digit = (k >> (8 * d)) as usize & 0xff;
+            b[start[digit]] = (k, i);
+            start[digit] += 1;
+        }
+        std::mem::swap(&mut a, &mut b);
+    }
+    a.into_iter().map(|(_, i)| i as usize).collect()
 }
 
 /// Generate continuations of `prompts` (token ids). `decode` turns tokens into text for stop strings.
@@ -298,8 +325,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn integer_key_order_is_the_stable_total_order_of_logits() {
-        // The sampler's candidate order (integer keys) against the comparison sort it replaced:
+    fn radix_order_is_the_stable_total_order_of_logits() {
+        // The sampler's candidate order (radix sort) against the comparison sort it replaced:
         // descending by `total_cmp`, ties by index; repeated values, both zeros, infinities.
         let mut rng = Rng::new(9, 0);
         let specials = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.5, -1.5];

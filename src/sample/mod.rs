@@ -10,6 +10,7 @@ pub mod job;
 pub mod openai;
 
 use candle_core::DType;
+use rayon::prelude::*;
 
 use crate::generate::{pick, FinishReason, Rng, SamplingParams};
 use crate::model::{CandleContext, Decoder, KvCache, ModelError};
@@ -304,16 +305,28 @@ pub fn sample(
         let logits = model.last_logits(&ids, &masks, Some(&mut cache))?;
         stats.decode_steps += 1;
         let rows = logit_rows(&logits)?;
+        // Every slot draws from its own stream, so the draws run side by side (sorting and
+        // exponentiating a vocabulary per slot was a sixth of a run on one core).
+        let picked: Vec<u32> = active
+            .par_iter_mut()
+            .zip(rows.into_par_iter())
+            .map(|(s, mut row)| {
+                let seen: Vec<u32> = if params.repetition_penalty != 1.0 {
+                    requests[s.request]
+                        .tokens
+                        .iter()
+                        .chain(&s.out)
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                pick(&mut row, &seen, params, &mut s.rng)
+            })
+            .collect();
         let mut keep = Vec::with_capacity(active.len());
         let mut still = Vec::with_capacity(active.len());
-        for (i, (mut s, mut row)) in active.drain(..).zip(rows).enumerate() {
-            let seen: Vec<u32> = requests[s.request]
-                .tokens
-                .iter()
-                .chain(&s.out)
-                .copied()
-                .collect();
-            let tok = pick(&mut row, &seen, params, &mut s.rng);
+        for (i, (mut s, tok)) in active.drain(..).zip(picked).enumerate() {
             s.next = tok;
             if stops(tok) {
                 finish(&mut done, s, FinishReason::StopToken);
