@@ -202,7 +202,7 @@ fn candidate_order(logits: &[f32]) -> Vec<usize> {
     let mut b = vec![(0u32, 0u32); n];
     for (d, c) in counts.iter().enumerate() {
         // A byte every key shares leaves the order as it is.
-        if c.iter().any(|&x| x == n) {
+        if c.contains(&n) {
             continue;
         }
         let mut start = [0usize; 256];

@@ -90,7 +90,115 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     s
 }
 
-fn scores_rows<T: Float>(a: &[T], (b, bs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
+/// Per-type kernels for one batch element's scores or mix block; `false` where the type has none
+/// for this CPU (the portable loops run instead).
+trait Kernels: Float {
+    fn scores_block(_a: &[Self], _b: &[Self], _r: usize, _d: usize, _o: &mut [Self]) -> bool {
+        false
+    }
+    fn mix_block(_p: &[Self], _v: &[Self], _r: usize, _d: usize, _o: &mut [Self]) -> bool {
+        false
+    }
+}
+
+impl Kernels for f64 {}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+impl Kernels for f32 {
+    #[cfg(target_arch = "x86_64")]
+    fn scores_block(a: &[f32], b: &[f32], r: usize, d: usize, o: &mut [f32]) -> bool {
+        if !avx2() {
+            return false;
+        }
+        // SAFETY: the CPU has the features the kernel is compiled for.
+        unsafe { scores_block_f32(a, b, r, d, o) };
+        true
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn mix_block(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32]) -> bool {
+        if !avx2() {
+            return false;
+        }
+        // SAFETY: as above.
+        unsafe { mix_block_f32(p, v, r, d, o) };
+        true
+    }
+}
+
+/// The scores of one batch element, every dot product the one [`dot`] takes (so the same bits),
+/// with the CPU check and the call hoisted out of the `r x n` loop: per call they cost as much as
+/// a 64-wide dot product itself.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_block_f32(a: &[f32], b: &[f32], r: usize, d: usize, o: &mut [f32]) {
+    let n = b.len() / d;
+    for i in 0..r {
+        let ai = &a[i * d..(i + 1) * d];
+        for (j, bj) in b.chunks_exact(d).enumerate() {
+            o[i * n + j] = super::fused::dot_f32_avx2(ai, bj);
+        }
+    }
+}
+
+/// The mix of one batch element: each output lane is `x = x + p_j * v_j` over `j` in order, a
+/// multiply and an add (no FMA), exactly as the portable loop rounds; 32 lanes are held in
+/// registers across all `j` instead of being loaded and stored for every key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mix_block_f32(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = v.len() / d;
+    let vp = v.as_ptr();
+    for i in 0..r {
+        let pi = &p[i * n..(i + 1) * n];
+        let oi = &mut o[i * d..(i + 1) * d];
+        let mut c = 0;
+        while c + 32 <= d {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (j, &w) in pi.iter().enumerate() {
+                let w = _mm256_set1_ps(w);
+                let row = vp.add(j * d + c);
+                for (q, x) in acc.iter_mut().enumerate() {
+                    *x = _mm256_add_ps(*x, _mm256_mul_ps(w, _mm256_loadu_ps(row.add(8 * q))));
+                }
+            }
+            for (q, x) in acc.iter().enumerate() {
+                _mm256_storeu_ps(oi.as_mut_ptr().add(c + 8 * q), *x);
+            }
+            c += 32;
+        }
+        while c + 8 <= d {
+            let mut x = _mm256_setzero_ps();
+            for (j, &w) in pi.iter().enumerate() {
+                x = _mm256_add_ps(
+                    x,
+                    _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vp.add(j * d + c))),
+                );
+            }
+            _mm256_storeu_ps(oi.as_mut_ptr().add(c), x);
+            c += 8;
+        }
+        for (l, x) in oi.iter_mut().enumerate().skip(c) {
+            let mut s = 0.0f32;
+            for (j, &w) in pi.iter().enumerate() {
+                s += w * v[j * d + l];
+            }
+            *x = s;
+        }
+    }
+}
+
+fn scores_rows<T: Kernels>(
+    a: &[T],
+    (b, bs): (&[T], usize),
+    r: usize,
+    n: usize,
+    d: usize,
+) -> Vec<T> {
     let batches = a.len() / (r * d);
     let mut out = vec![T::from64(0.0); batches * r * n];
     out.par_chunks_mut(r * n).enumerate().for_each(|(bi, o)| {
@@ -98,17 +206,24 @@ fn scores_rows<T: Float>(a: &[T], (b, bs): (&[T], usize), r: usize, n: usize, d:
             &a[bi * r * d..(bi + 1) * r * d],
             &b[bi * bs..bi * bs + n * d],
         );
-        for i in 0..r {
-            let ai = &a[i * d..(i + 1) * d];
-            for (j, bj) in b.chunks_exact(d).enumerate() {
-                o[i * n + j] = dot(ai, bj);
-            }
+        if !T::scores_block(a, b, r, d, o) {
+            scores_block(a, b, r, d, o);
         }
     });
     out
 }
 
-fn mix_rows<T: Float>(p: &[T], (v, vs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
+fn scores_block<T: Float>(a: &[T], b: &[T], r: usize, d: usize, o: &mut [T]) {
+    let n = b.len() / d;
+    for i in 0..r {
+        let ai = &a[i * d..(i + 1) * d];
+        for (j, bj) in b.chunks_exact(d).enumerate() {
+            o[i * n + j] = dot(ai, bj);
+        }
+    }
+}
+
+fn mix_rows<T: Kernels>(p: &[T], (v, vs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
     let batches = p.len() / (r * n);
     let mut out = vec![T::from64(0.0); batches * r * d];
     out.par_chunks_mut(r * d).enumerate().for_each(|(bi, o)| {
@@ -116,17 +231,25 @@ fn mix_rows<T: Float>(p: &[T], (v, vs): (&[T], usize), r: usize, n: usize, d: us
             &p[bi * r * n..(bi + 1) * r * n],
             &v[bi * vs..bi * vs + n * d],
         );
-        for i in 0..r {
-            let oi = &mut o[i * d..(i + 1) * d];
-            for (j, vj) in v.chunks_exact(d).enumerate() {
-                let w = p[i * n + j];
-                for (x, y) in oi.iter_mut().zip(vj) {
-                    *x = *x + w * *y;
-                }
-            }
+        if !T::mix_block(p, v, r, d, o) {
+            mix_block(p, v, r, d, o);
         }
     });
     out
+}
+
+fn mix_block<T: Float>(p: &[T], v: &[T], r: usize, d: usize, o: &mut [T]) {
+    let n = v.len() / d;
+    for i in 0..r {
+        let oi = &mut o[i * d..(i + 1) * d];
+        oi.fill(T::from64(0.0));
+        for (j, vj) in v.chunks_exact(d).enumerate() {
+            let w = p[i * n + j];
+            for (x, y) in oi.iter_mut().zip(vj) {
+                *x = *x + w * *y;
+            }
+        }
+    }
 }
 
 struct Scores;
@@ -233,6 +356,34 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| r.next_f64() * 2.0 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn f32_kernels_round_as_the_portable_loops() {
+        // Bit for bit: decoding's samples must not depend on which CPU path ran. Head sizes with
+        // 32-lane blocks, an 8-lane block and a scalar tail; several query rows.
+        let mut rng = crate::generate::Rng::new(3, 0);
+        let mut rand =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect() };
+        for (r, n, d) in [(1, 37, 64), (3, 5, 75), (2, 1, 40), (1, 9, 7)] {
+            let (a, b, p) = (rand(r * d), rand(n * d), rand(r * n));
+            let (mut want, mut got) = (vec![0.0f32; r * n], vec![7.0f32; r * n]);
+            scores_block(&a, &b, r, d, &mut want);
+            if !f32::scores_block(&a, &b, r, d, &mut got) {
+                scores_block(&a, &b, r, d, &mut got);
+            }
+            assert_eq!(bits(&want), bits(&got), "scores {r}x{n}x{d}");
+            let (mut want, mut got) = (vec![0.0f32; r * d], vec![7.0f32; r * d]);
+            mix_block(&p, &b, r, d, &mut want);
+            if !f32::mix_block(&p, &b, r, d, &mut got) {
+                mix_block(&p, &b, r, d, &mut got);
+            }
+            assert_eq!(bits(&want), bits(&got), "mix {r}x{n}x{d}");
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]

@@ -35,8 +35,11 @@ impl Linear {
         let x2 = x.reshape((rows, inner))?;
         let y = match super::fused::small_matmul_t(&x2, &self.w)? {
             Some(y) => y,
-            None if rows <= 256 && !self.w.is_variable() => {
-                self.w.matmul(&x2.t()?)?.t()?.contiguous()?
+            None if rows <= super::rows::MAX_ROWS && !self.w.is_variable() => {
+                match super::rows::rows_t(&x2, &self.w)? {
+                    Some(y) => y,
+                    None => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
+                }
             }
             None => x2.matmul(&self.w.t()?)?,
         }

@@ -146,7 +146,8 @@ unsafe fn exp_f32_avx2(v: &mut [f32]) {
 /// portable loop used 4-lane multiplies and adds without FMA (2.5x slower decoding).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+#[inline]
+pub(super) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -859,7 +860,7 @@ impl CustomOp3 for Rope {
         let d = l1.dims();
         let dims = [d[0], d[1], d[2], d[3]];
         let t = if self.backward { d[2] } else { d[1] };
-        if l2.dims() != [d[0], 1, t, d[3]] || l3.dims() != l2.dims() || d[3] % 2 != 0 {
+        if l2.dims() != [d[0], 1, t, d[3]] || l3.dims() != l2.dims() || !d[3].is_multiple_of(2) {
             candle_core::bail!("fused rope: cos/sin {:?} do not fit {:?}", l2.dims(), d);
         }
         let out = per_float!("fused rope"; x = s1, l1; c = s2, l2; s = s3, l3

@@ -13,6 +13,7 @@ pub mod fused;
 pub mod init;
 mod io;
 mod kv;
+pub mod rows;
 
 pub use backward::{Tape, Traced, TracedHidden};
 pub use chat::ChatTemplate;
