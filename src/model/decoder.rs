@@ -33,15 +33,15 @@ impl Linear {
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(self.w.dim(0)?);
         let x2 = x.reshape((rows, inner))?;
+        let frozen = !self.w.is_variable();
         let y = match super::fused::small_matmul_t(&x2, &self.w)? {
             Some(y) => y,
-            None if rows <= super::rows::MAX_ROWS && !self.w.is_variable() => {
-                match super::rows::rows_t(&x2, &self.w)? {
-                    Some(y) => y,
-                    None => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
-                }
-            }
-            None => x2.matmul(&self.w.t()?)?,
+            None => match frozen.then(|| super::rows::rows_t(&x2, &self.w)) {
+                Some(Ok(Some(y))) => y,
+                Some(Err(e)) => return Err(e),
+                _ if rows <= 256 && frozen => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
+                _ => x2.matmul(&self.w.t()?)?,
+            },
         }
         .reshape(out_dims)?;
         match &self.b {
