@@ -22,21 +22,83 @@ fn applies(a: &Tensor, b: &Tensor) -> Result<bool> {
 
 /// `a [B, r, d] · b [B, n, d]^T -> [B, r, n]`; `None` where it does not apply. `b` may be a
 /// view of the first `n` positions of a longer cache buffer (rows of `d` contiguous, batch
-/// elements any stride apart): it is read in place.
-pub fn scores(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+/// elements any stride apart): it is read in place. `share[e] = (lead, cols)` says that batch
+/// element `e`'s first `cols` rows of `b` equal element `lead`'s: they are read from `lead`
+/// (the same values, so the same result), which keeps one copy of a shared prompt in cache for
+/// every sample decoding from it.
+pub fn scores(a: &Tensor, b: &Tensor, share: Option<&[(usize, usize)]>) -> Result<Option<Tensor>> {
     if !applies(a, b)? {
         return Ok(None);
     }
-    Ok(Some(a.contiguous()?.apply_op2(&rows_in_place(b)?, Scores)?))
+    let op = Scores(checked_share(share, b)?);
+    Ok(Some(a.contiguous()?.apply_op2(&rows_in_place(b)?, op)?))
 }
 
-/// `p [B, r, n] · v [B, n, d] -> [B, r, d]`; `None` where it does not apply. `v` as `b` of
-/// [`scores`].
-pub fn mix(p: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+/// `p [B, r, n] · v [B, n, d] -> [B, r, d]`; `None` where it does not apply. `v` and `share` as
+/// `b` and `share` of [`scores`].
+pub fn mix(p: &Tensor, v: &Tensor, share: Option<&[(usize, usize)]>) -> Result<Option<Tensor>> {
     if !applies(p, v)? {
         return Ok(None);
     }
-    Ok(Some(p.contiguous()?.apply_op2(&rows_in_place(v)?, Mix)?))
+    let op = Mix(checked_share(share, v)?);
+    Ok(Some(p.contiguous()?.apply_op2(&rows_in_place(v)?, op)?))
+}
+
+/// `share` as the kernels take it: one entry per batch element, leaders inside the batch, spans
+/// inside the rows; an error otherwise (a wrong record would read another sequence's cache).
+fn checked_share(
+    share: Option<&[(usize, usize)]>,
+    b: &Tensor,
+) -> Result<Option<Vec<(usize, usize)>>> {
+    let Some(share) = share else {
+        return Ok(None);
+    };
+    let (bn, n, _) = b.dims3()?;
+    if share.len() != bn || share.iter().any(|&(lead, cols)| lead >= bn || cols > n) {
+        candle_core::bail!(
+            "decode attention: a share record for {} elements does not fit {bn} elements of {n} rows",
+            share.len()
+        );
+    }
+    Ok(Some(share.to_vec()))
+}
+
+/// One batch element's keys (or values): its first `cols` rows from `pre` (the leader's), the
+/// rest from `own`.
+struct Rows<'a, T> {
+    pre: &'a [T],
+    own: &'a [T],
+    cols: usize,
+    n: usize,
+    d: usize,
+}
+
+impl<'a, T> Rows<'a, T> {
+    #[inline(always)]
+    fn row(&self, j: usize) -> &'a [T] {
+        let src = if j < self.cols { self.pre } else { self.own };
+        &src[j * self.d..(j + 1) * self.d]
+    }
+}
+
+/// Batch element `bi`'s rows of `b` (stride `bs`), with its share record.
+fn element<'a, T>(
+    b: &'a [T],
+    bs: usize,
+    bi: usize,
+    share: &Option<Vec<(usize, usize)>>,
+    n: usize,
+    d: usize,
+) -> Rows<'a, T> {
+    let own = &b[bi * bs..bi * bs + n * d];
+    let (lead, cols) = share.as_ref().map_or((bi, 0), |s| s[bi]);
+    Rows {
+        pre: &b[lead * bs..lead * bs + cols * d],
+        own,
+        cols,
+        n,
+        d,
+    }
 }
 
 /// `t` itself when [`batch_rows`] can read it, else a contiguous copy.
@@ -93,10 +155,10 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 /// Per-type kernels for one batch element's scores or mix block; `false` where the type has none
 /// for this CPU (the portable loops run instead).
 trait Kernels: Float {
-    fn scores_block(_a: &[Self], _b: &[Self], _r: usize, _d: usize, _o: &mut [Self]) -> bool {
+    fn scores_block(_a: &[Self], _b: &Rows<'_, Self>, _r: usize, _o: &mut [Self]) -> bool {
         false
     }
-    fn mix_block(_p: &[Self], _v: &[Self], _r: usize, _d: usize, _o: &mut [Self]) -> bool {
+    fn mix_block(_p: &[Self], _v: &Rows<'_, Self>, _r: usize, _o: &mut [Self]) -> bool {
         false
     }
 }
@@ -110,21 +172,21 @@ fn avx2() -> bool {
 
 impl Kernels for f32 {
     #[cfg(target_arch = "x86_64")]
-    fn scores_block(a: &[f32], b: &[f32], r: usize, d: usize, o: &mut [f32]) -> bool {
+    fn scores_block(a: &[f32], b: &Rows<'_, f32>, r: usize, o: &mut [f32]) -> bool {
         if !avx2() {
             return false;
         }
         // SAFETY: the CPU has the features the kernel is compiled for.
-        unsafe { scores_block_f32(a, b, r, d, o) };
+        unsafe { scores_block_f32(a, b, r, o) };
         true
     }
     #[cfg(target_arch = "x86_64")]
-    fn mix_block(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32]) -> bool {
+    fn mix_block(p: &[f32], v: &Rows<'_, f32>, r: usize, o: &mut [f32]) -> bool {
         if !avx2() {
             return false;
         }
         // SAFETY: as above.
-        unsafe { mix_block_f32(p, v, r, d, o) };
+        unsafe { mix_block_f32(p, v, r, o) };
         true
     }
 }
@@ -134,12 +196,12 @@ impl Kernels for f32 {
 /// a 64-wide dot product itself.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn scores_block_f32(a: &[f32], b: &[f32], r: usize, d: usize, o: &mut [f32]) {
-    let n = b.len() / d;
+unsafe fn scores_block_f32(a: &[f32], b: &Rows<'_, f32>, r: usize, o: &mut [f32]) {
+    let (n, d) = (b.n, b.d);
     for i in 0..r {
         let ai = &a[i * d..(i + 1) * d];
-        for (j, bj) in b.chunks_exact(d).enumerate() {
-            o[i * n + j] = super::fused::dot_f32_avx2(ai, bj);
+        for j in 0..n {
+            o[i * n + j] = super::fused::dot_f32_avx2(ai, b.row(j));
         }
     }
 }
@@ -149,10 +211,9 @@ unsafe fn scores_block_f32(a: &[f32], b: &[f32], r: usize, d: usize, o: &mut [f3
 /// registers across all `j` instead of being loaded and stored for every key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn mix_block_f32(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32]) {
+unsafe fn mix_block_f32(p: &[f32], v: &Rows<'_, f32>, r: usize, o: &mut [f32]) {
     use std::arch::x86_64::*;
-    let n = v.len() / d;
-    let vp = v.as_ptr();
+    let (n, d) = (v.n, v.d);
     for i in 0..r {
         let pi = &p[i * n..(i + 1) * n];
         let oi = &mut o[i * d..(i + 1) * d];
@@ -161,7 +222,7 @@ unsafe fn mix_block_f32(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32])
             let mut acc = [_mm256_setzero_ps(); 4];
             for (j, &w) in pi.iter().enumerate() {
                 let w = _mm256_set1_ps(w);
-                let row = vp.add(j * d + c);
+                let row = v.row(j)[c..].as_ptr();
                 for (q, x) in acc.iter_mut().enumerate() {
                     *x = _mm256_add_ps(*x, _mm256_mul_ps(w, _mm256_loadu_ps(row.add(8 * q))));
                 }
@@ -174,10 +235,8 @@ unsafe fn mix_block_f32(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32])
         while c + 8 <= d {
             let mut x = _mm256_setzero_ps();
             for (j, &w) in pi.iter().enumerate() {
-                x = _mm256_add_ps(
-                    x,
-                    _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vp.add(j * d + c))),
-                );
+                let row = v.row(j)[c..].as_ptr();
+                x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(row)));
             }
             _mm256_storeu_ps(oi.as_mut_ptr().add(c), x);
             c += 8;
@@ -185,16 +244,18 @@ unsafe fn mix_block_f32(p: &[f32], v: &[f32], r: usize, d: usize, o: &mut [f32])
         for (l, x) in oi.iter_mut().enumerate().skip(c) {
             let mut s = 0.0f32;
             for (j, &w) in pi.iter().enumerate() {
-                s += w * v[j * d + l];
+                s += w * v.row(j)[l];
             }
             *x = s;
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scores_rows<T: Kernels>(
     a: &[T],
     (b, bs): (&[T], usize),
+    share: &Option<Vec<(usize, usize)>>,
     r: usize,
     n: usize,
     d: usize,
@@ -202,57 +263,60 @@ fn scores_rows<T: Kernels>(
     let batches = a.len() / (r * d);
     let mut out = vec![T::from64(0.0); batches * r * n];
     out.par_chunks_mut(r * n).enumerate().for_each(|(bi, o)| {
-        let (a, b) = (
-            &a[bi * r * d..(bi + 1) * r * d],
-            &b[bi * bs..bi * bs + n * d],
-        );
-        if !T::scores_block(a, b, r, d, o) {
-            scores_block(a, b, r, d, o);
+        let a = &a[bi * r * d..(bi + 1) * r * d];
+        let b = element(b, bs, bi, share, n, d);
+        if !T::scores_block(a, &b, r, o) {
+            scores_block(a, &b, r, o);
         }
     });
     out
 }
 
-fn scores_block<T: Float>(a: &[T], b: &[T], r: usize, d: usize, o: &mut [T]) {
-    let n = b.len() / d;
+fn scores_block<T: Float>(a: &[T], b: &Rows<'_, T>, r: usize, o: &mut [T]) {
+    let (n, d) = (b.n, b.d);
     for i in 0..r {
         let ai = &a[i * d..(i + 1) * d];
-        for (j, bj) in b.chunks_exact(d).enumerate() {
-            o[i * n + j] = dot(ai, bj);
+        for j in 0..n {
+            o[i * n + j] = dot(ai, b.row(j));
         }
     }
 }
 
-fn mix_rows<T: Kernels>(p: &[T], (v, vs): (&[T], usize), r: usize, n: usize, d: usize) -> Vec<T> {
+fn mix_rows<T: Kernels>(
+    p: &[T],
+    (v, vs): (&[T], usize),
+    share: &Option<Vec<(usize, usize)>>,
+    r: usize,
+    n: usize,
+    d: usize,
+) -> Vec<T> {
     let batches = p.len() / (r * n);
     let mut out = vec![T::from64(0.0); batches * r * d];
     out.par_chunks_mut(r * d).enumerate().for_each(|(bi, o)| {
-        let (p, v) = (
-            &p[bi * r * n..(bi + 1) * r * n],
-            &v[bi * vs..bi * vs + n * d],
-        );
-        if !T::mix_block(p, v, r, d, o) {
-            mix_block(p, v, r, d, o);
+        let p = &p[bi * r * n..(bi + 1) * r * n];
+        let v = element(v, vs, bi, share, n, d);
+        if !T::mix_block(p, &v, r, o) {
+            mix_block(p, &v, r, o);
         }
     });
     out
 }
 
-fn mix_block<T: Float>(p: &[T], v: &[T], r: usize, d: usize, o: &mut [T]) {
-    let n = v.len() / d;
+fn mix_block<T: Float>(p: &[T], v: &Rows<'_, T>, r: usize, o: &mut [T]) {
+    let (n, d) = (v.n, v.d);
     for i in 0..r {
         let oi = &mut o[i * d..(i + 1) * d];
         oi.fill(T::from64(0.0));
-        for (j, vj) in v.chunks_exact(d).enumerate() {
+        for j in 0..n {
             let w = p[i * n + j];
-            for (x, y) in oi.iter_mut().zip(vj) {
+            for (x, y) in oi.iter_mut().zip(v.row(j)) {
                 *x = *x + w * *y;
             }
         }
     }
 }
 
-struct Scores;
+struct Scores(Option<Vec<(usize, usize)>>);
 
 impl CustomOp2 for Scores {
     fn name(&self) -> &'static str {
@@ -275,12 +339,22 @@ impl CustomOp2 for Scores {
             );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(scores_rows(contiguous(a, l1)?, batch_rows(b, l2)?, r, n, d))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(scores_rows(contiguous(a, l1)?, batch_rows(b, l2)?, r, n, d))
-            }
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(scores_rows(
+                contiguous(a, l1)?,
+                batch_rows(b, l2)?,
+                &self.0,
+                r,
+                n,
+                d,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(scores_rows(
+                contiguous(a, l1)?,
+                batch_rows(b, l2)?,
+                &self.0,
+                r,
+                n,
+                d,
+            )),
             _ => candle_core::bail!("attention scores: unsupported dtypes"),
         };
         Ok((out, Shape::from((ba, r, n))))
@@ -299,7 +373,7 @@ impl CustomOp2 for Scores {
     }
 }
 
-struct Mix;
+struct Mix(Option<Vec<(usize, usize)>>);
 
 impl CustomOp2 for Mix {
     fn name(&self) -> &'static str {
@@ -322,12 +396,22 @@ impl CustomOp2 for Mix {
             );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(v)) => {
-                CpuStorage::F32(mix_rows(contiguous(p, l1)?, batch_rows(v, l2)?, r, n, d))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(v)) => {
-                CpuStorage::F64(mix_rows(contiguous(p, l1)?, batch_rows(v, l2)?, r, n, d))
-            }
+            (CpuStorage::F32(p), CpuStorage::F32(v)) => CpuStorage::F32(mix_rows(
+                contiguous(p, l1)?,
+                batch_rows(v, l2)?,
+                &self.0,
+                r,
+                n,
+                d,
+            )),
+            (CpuStorage::F64(p), CpuStorage::F64(v)) => CpuStorage::F64(mix_rows(
+                contiguous(p, l1)?,
+                batch_rows(v, l2)?,
+                &self.0,
+                r,
+                n,
+                d,
+            )),
             _ => candle_core::bail!("attention mix: unsupported dtypes"),
         };
         Ok((out, Shape::from((bp, r, d))))
@@ -361,25 +445,76 @@ mod tests {
     #[test]
     fn f32_kernels_round_as_the_portable_loops() {
         // Bit for bit: decoding's samples must not depend on which CPU path ran. Head sizes with
-        // 32-lane blocks, an 8-lane block and a scalar tail; several query rows.
+        // 32-lane blocks, an 8-lane block and a scalar tail; several query rows; keys split
+        // between a leader's prefix and the element's own rows.
         let mut rng = crate::generate::Rng::new(3, 0);
         let mut rand =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect() };
-        for (r, n, d) in [(1, 37, 64), (3, 5, 75), (2, 1, 40), (1, 9, 7)] {
-            let (a, b, p) = (rand(r * d), rand(n * d), rand(r * n));
+        for (r, n, d, cols) in [(1, 37, 64, 20), (3, 5, 75, 0), (2, 1, 40, 1), (1, 9, 7, 9)] {
+            let (a, b, p, pre) = (rand(r * d), rand(n * d), rand(r * n), rand(n * d));
+            let rows = Rows {
+                pre: &pre[..cols * d],
+                own: &b,
+                cols,
+                n,
+                d,
+            };
             let (mut want, mut got) = (vec![0.0f32; r * n], vec![7.0f32; r * n]);
-            scores_block(&a, &b, r, d, &mut want);
-            if !f32::scores_block(&a, &b, r, d, &mut got) {
-                scores_block(&a, &b, r, d, &mut got);
+            scores_block(&a, &rows, r, &mut want);
+            if !f32::scores_block(&a, &rows, r, &mut got) {
+                scores_block(&a, &rows, r, &mut got);
             }
             assert_eq!(bits(&want), bits(&got), "scores {r}x{n}x{d}");
             let (mut want, mut got) = (vec![0.0f32; r * d], vec![7.0f32; r * d]);
-            mix_block(&p, &b, r, d, &mut want);
-            if !f32::mix_block(&p, &b, r, d, &mut got) {
-                mix_block(&p, &b, r, d, &mut got);
+            mix_block(&p, &rows, r, &mut want);
+            if !f32::mix_block(&p, &rows, r, &mut got) {
+                mix_block(&p, &rows, r, &mut got);
             }
             assert_eq!(bits(&want), bits(&got), "mix {r}x{n}x{d}");
         }
+    }
+
+    #[test]
+    fn shared_prefixes_read_from_the_leader_give_the_same_bits() {
+        // Elements 1 and 2 copy element 0's first 6 rows (a prompt prefilled once, three
+        // samples); reading them from element 0 changes nothing, and a record that lies (element
+        // 3 does not start like element 0) is what the output would show.
+        let mut rng = crate::generate::Rng::new(5, 0);
+        let (bn, n, d) = (4, 9, 64);
+        let mut kv: Vec<f32> = (0..bn * n * d)
+            .map(|_| rng.next_f64() as f32 - 0.5)
+            .collect();
+        for e in 1..3 {
+            let (head, rest) = kv.split_at_mut(e * n * d);
+            rest[..6 * d].copy_from_slice(&head[..6 * d]);
+        }
+        let kv = Tensor::from_vec(kv, (bn, n, d), &Device::Cpu).unwrap();
+        let q = Tensor::from_vec(
+            (0..bn * d)
+                .map(|_| rng.next_f64() as f32 - 0.5)
+                .collect::<Vec<_>>(),
+            (bn, 1, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = Tensor::from_vec(
+            (0..bn * n)
+                .map(|_| rng.next_f64() as f32)
+                .collect::<Vec<_>>(),
+            (bn, 1, n),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let share = [(0, 0), (0, 6), (0, 6), (3, 0)];
+        let all = |t: Tensor| bits(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let plain = all(scores(&q, &kv, None).unwrap().unwrap());
+        assert_eq!(all(scores(&q, &kv, Some(&share)).unwrap().unwrap()), plain);
+        let plain_mix = all(mix(&p, &kv, None).unwrap().unwrap());
+        assert_eq!(all(mix(&p, &kv, Some(&share)).unwrap().unwrap()), plain_mix);
+        let lie = [(0, 0), (0, 6), (0, 6), (0, 6)];
+        assert_ne!(all(scores(&q, &kv, Some(&lie)).unwrap().unwrap()), plain);
+        assert!(scores(&q, &kv, Some(&[(0, 0); 3])).is_err());
+        assert!(mix(&p, &kv, Some(&[(0, 0), (0, 10), (0, 0), (0, 0)])).is_err());
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -390,7 +525,7 @@ mod tests {
     fn match_batched_matmul_forward_and_backward() {
         let a = Var::from_tensor(&rand(&[6, 3, 37], 1)).unwrap();
         let b = Var::from_tensor(&rand(&[6, 11, 37], 2)).unwrap();
-        let fused = scores(&a, &b).unwrap().unwrap();
+        let fused = scores(&a, &b, None).unwrap().unwrap();
         let plain = a.matmul(&b.t().unwrap()).unwrap();
         assert!(crate::model::max_abs_diff(&fused, &plain) < 1e-12);
         let w = rand(&[6, 3, 11], 3);
@@ -412,7 +547,7 @@ mod tests {
         assert!(crate::model::max_abs_diff(gf.get(&b).unwrap(), gp.get(&b).unwrap()) < 1e-12);
 
         let p = Var::from_tensor(&rand(&[6, 3, 11], 4)).unwrap();
-        let fused = mix(&p, &b).unwrap().unwrap();
+        let fused = mix(&p, &b, None).unwrap().unwrap();
         let plain = p.matmul(&b).unwrap();
         assert!(crate::model::max_abs_diff(&fused, &plain) < 1e-12);
         let w = rand(&[6, 3, 37], 5);
@@ -439,16 +574,17 @@ mod tests {
         let b32 = rand(&[2, 5, 16], 7)
             .to_dtype(candle_core::DType::F32)
             .unwrap();
-        let d = (scores(&a32, &b32).unwrap().unwrap() - a32.matmul(&b32.t().unwrap()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = (scores(&a32, &b32, None).unwrap().unwrap()
+            - a32.matmul(&b32.t().unwrap()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
         assert!(d < 1e-5, "{d}");
-        assert!(scores(&rand(&[1, 9, 4], 8), &rand(&[1, 3, 4], 9))
+        assert!(scores(&rand(&[1, 9, 4], 8), &rand(&[1, 3, 4], 9), None)
             .unwrap()
             .is_none());
     }

@@ -70,6 +70,11 @@ pub(crate) struct Layer {
 #[derive(Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<KvLayer>>,
+    /// Per row, `(leader, cols)`: the row's first `cols` positions hold the same keys and values
+    /// as row `leader`'s (copies of one prefill: the samples of a prompt, prompts with a common
+    /// opening). Empty, or one entry per row. Decode attention reads those positions from the
+    /// leader's buffers, so the rows of a group share one stream of cache reads.
+    pub(crate) share: Vec<(usize, usize)>,
 }
 
 /// One layer's keys and values: buffers `[b, kv heads, capacity, head dim]` whose first `len`
@@ -116,7 +121,7 @@ impl KvLayer {
 
     /// Append `k`, `v` (`[b, kv heads, t, head dim]`): in place when there is room in buffers
     /// no one else holds, else into new buffers with twice the room needed.
-    fn push(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+    pub(crate) fn push(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
         let t = k.dim(2)?;
         let cap = self.k.dim(2)?;
         if self.exclusive.get() && self.len + t <= cap {
@@ -155,6 +160,7 @@ impl Clone for KvCache {
     fn clone(&self) -> KvCache {
         KvCache {
             layers: self.layers.clone(),
+            share: self.share.clone(),
         }
     }
 }
@@ -624,6 +630,7 @@ impl Decoder {
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
+                c.share.clear();
             }
         }
         if let Some(tp) = tape.as_deref_mut() {
@@ -656,7 +663,17 @@ impl Decoder {
             // The cache's buffers, `[b * nkv, capacity, hd]`, for the decode kernels to read in
             // place.
             let mut buffers = None;
+            let mut share = None;
             if let Some(c) = cache.as_deref_mut() {
+                // Per (sequence, kv head): read a shared prompt from its leader's buffers.
+                if c.share.len() == b && c.share.iter().any(|&(_, cols)| cols > 0) {
+                    share = Some(
+                        c.share
+                            .iter()
+                            .flat_map(|&(lead, cols)| (0..nkv).map(move |h| (lead * nkv + h, cols)))
+                            .collect::<Vec<_>>(),
+                    );
+                }
                 match &mut c.layers[li] {
                     Some(l) => l.push(&k, &v)?,
                     empty => *empty = Some(KvLayer::full(k.clone(), v.clone())?),
@@ -679,16 +696,18 @@ impl Decoder {
                 cache.is_some() && tape.is_none() && rep * t <= super::attend::FEW_QUERIES;
             let in_place = buffers.as_ref().filter(|(bk, _)| bk.dtype() == acc_dt);
             let raw = match (decoding, in_place) {
-                (true, Some((bk, _))) => {
-                    super::attend::scores(&qg.reshape((b * nkv, rep * t, hd))?, bk)?
-                }
+                (true, Some((bk, _))) => super::attend::scores(
+                    &qg.reshape((b * nkv, rep * t, hd))?,
+                    bk,
+                    share.as_deref(),
+                )?,
                 (true, None) => {
                     let q3 = qg.reshape((b * nkv, rep * t, hd))?;
                     let k3 = k
                         .to_dtype(acc_dt)?
                         .contiguous()?
                         .reshape((b * nkv, kl, hd))?;
-                    super::attend::scores(&q3, &k3)?
+                    super::attend::scores(&q3, &k3, None)?
                 }
                 (false, _) => None,
             };
@@ -713,11 +732,12 @@ impl Decoder {
             let pg = probs.to_dtype(self.dtype)?.reshape((b, nkv, rep * t, kl))?;
             let mixed = match (decoding, &buffers) {
                 (true, Some((_, bv))) => {
-                    super::attend::mix(&pg.reshape((b * nkv, rep * t, kl))?, bv)?
+                    super::attend::mix(&pg.reshape((b * nkv, rep * t, kl))?, bv, share.as_deref())?
                 }
                 (true, None) => super::attend::mix(
                     &pg.reshape((b * nkv, rep * t, kl))?,
                     &v.contiguous()?.reshape((b * nkv, kl, hd))?,
+                    None,
                 )?,
                 (false, _) => None,
             };
