@@ -67,10 +67,12 @@ struct Out(*mut f32);
 unsafe impl Sync for Out {}
 
 fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
     if m == 0 || n == 0 {
-        return out;
+        return vec![0.0f32; m * n];
     }
+    // Every element is written exactly once below (each (row, column) by the tile that owns
+    // the column): zeroing it first was a pass of its own over up to megabytes per call.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     // x^T in panels of MR rows: panel p holds k groups of MR lanes (rows past m are zero).
     let panels = m.div_ceil(MR);
     let mut xt = vec![0.0f32; panels * k * MR];
@@ -100,7 +102,7 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             }
         });
     let tiles = n.div_ceil(NR);
-    let dst = Out(out.as_mut_ptr());
+    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let kc = block_len(k);
     // Contiguous runs of tiles, a few per thread so that an early finisher can steal.
     let groups = (rayon::current_num_threads() * 2).clamp(1, tiles);
@@ -164,6 +166,9 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             }
         }
     });
+    // SAFETY: the tiles wrote all m * n elements (rows < m of every panel, columns < n of every
+    // tile).
+    unsafe { out.set_len(m * n) };
     out
 }
 
