@@ -985,8 +985,17 @@ impl CustomOp2 for SmallMatmulT {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        matmul_t_bwd(x, w, grad)
     }
+}
+
+/// Gradients `(dx, dW)` of `y = x W^T` (`x [m, k]`, `w [n, k]`) for the kernels that compute it.
+pub(super) fn matmul_t_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
 }
 
 #[cfg(test)]

@@ -279,7 +279,7 @@ impl CustomOp2 for RowsT {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        super::fused::matmul_t_bwd(x, w, grad)
     }
 }
 
