@@ -22,6 +22,34 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
+    /// Several linear layers of one input (`[.., k]`): in one pass of [`super::rows::rows_t_many`]
+    /// where every weight is frozen and the rows fit it (the same bits as one call each), else
+    /// one [`Linear::forward`] each.
+    pub(crate) fn forward_many(lins: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        if rows > super::fused::SMALL_ROWS {
+            let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
+            let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+            if let Some(ys) = super::rows::rows_t_many(&x2, &ws)? {
+                return ys
+                    .into_iter()
+                    .zip(lins)
+                    .map(|(y, l)| {
+                        let mut out_dims = dims[..dims.len() - 1].to_vec();
+                        out_dims.push(l.w.dim(0)?);
+                        let y = y.reshape(out_dims)?;
+                        match &l.b {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        }
+                    })
+                    .collect();
+            }
+        }
+        lins.iter().map(|l| l.forward(x)).collect()
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // One 2-D GEMM over all tokens: a broadcast batched matmul would also make the weight's
         // gradient a per-batch tensor summed afterwards.
@@ -648,18 +676,21 @@ impl Decoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
             let x = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
-            let proj = |lin: &Linear, n: usize| lin.forward(&x)?.reshape((b, t, n, hd));
+            let [pq, pk, pv]: [Tensor; 3] =
+                Linear::forward_many(&[&layer.q, &layer.k, &layer.v], &x)?
+                    .try_into()
+                    .expect("three projections");
             let heads = |p: Tensor| p.transpose(1, 2)?.contiguous();
-            let rotated = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                let p = proj(lin, n)?;
+            let rotated = |p: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                let p = p.reshape((b, t, n, hd))?;
                 match super::fused::rope_heads(&p, &cos, &sin)? {
                     Some(r) => Ok(r),
                     None => apply_rope(&heads(p)?, &cos, &sin),
                 }
             };
-            let q = rotated(&layer.q, nh)?;
-            let mut k = rotated(&layer.k, nkv)?;
-            let mut v = heads(proj(&layer.v, nkv)?)?;
+            let q = rotated(pq, nh)?;
+            let mut k = rotated(pk, nkv)?;
+            let mut v = heads(pv.reshape((b, t, nkv, hd))?)?;
             // The cache's buffers, `[b * nkv, capacity, hd]`, for the decode kernels to read in
             // place.
             let mut buffers = None;
@@ -818,8 +849,9 @@ impl Decoder {
         layer: &Layer,
         x: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let g = layer.gate.forward(x)?;
-        let u = layer.up.forward(x)?;
+        let [g, u]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], x)?
+            .try_into()
+            .expect("two projections");
         if let Some(m) = super::fused::gated_activation(self.config.activation, &g, &u)? {
             return Ok((g, u, m));
         }

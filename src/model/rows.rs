@@ -44,6 +44,48 @@ pub fn rows_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, RowsT)?))
 }
 
+/// [`rows_t`] for several weights of one input (`x` transposed once, one parallel pass):
+/// `None` where any of them would not take it, or where `x` is part of a gradient graph.
+pub fn rows_t_many(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
+    if x.track_op() || ws.iter().any(|w| w.track_op() || w.is_variable()) {
+        return Ok(None);
+    }
+    let f32_2d = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.rank() == 2;
+    if !available(x)
+        || !has_avx512()
+        || !f32_2d(x)
+        || x.dim(0)? > MAX_ROWS
+        || ws
+            .iter()
+            .any(|w| !f32_2d(w) || w.dim(1).ok() != x.dim(1).ok())
+    {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let x = x.contiguous()?;
+    let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
+    let (xs, _) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(xd)) = &*xs else {
+        return Ok(None);
+    };
+    let xd = contiguous(xd, x.layout())?;
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ws.len());
+    for ((g, _), w) in guards.iter().zip(&ws) {
+        let candle_core::Storage::Cpu(CpuStorage::F32(d)) = &**g else {
+            return Ok(None);
+        };
+        slices.push(contiguous(d, w.layout())?);
+    }
+    let outs = rows_t_many_f32(xd, &slices, m, k);
+    let dev = x.device();
+    outs.into_iter()
+        .zip(&ws)
+        .map(|(o, w)| Tensor::from_vec(o, (m, w.dim(0)?), dev))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -66,13 +108,21 @@ struct Out(*mut f32);
 // SAFETY: every task writes only the columns of its own tiles.
 unsafe impl Sync for Out {}
 
-fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    if m == 0 || n == 0 {
-        return vec![0.0f32; m * n];
+fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize) -> Vec<f32> {
+    rows_t_many_f32(x, &[w], m, k).pop().expect("one weight")
+}
+
+/// `x W_i^T` for several weights `W_i [n_i, k]` of one input: `x` is transposed once, and the
+/// tiles of all the weights share one parallel pass (the query, key and value projections of a
+/// layer; its gate and up projections).
+fn rows_t_many_f32(x: &[f32], ws: &[&[f32]], m: usize, k: usize) -> Vec<Vec<f32>> {
+    let ns: Vec<usize> = ws.iter().map(|w| w.len() / k.max(1)).collect();
+    if m == 0 || k == 0 || ns.contains(&0) {
+        return ns.iter().map(|&n| vec![0.0f32; m * n]).collect();
     }
     // Every element is written exactly once below (each (row, column) by the tile that owns
     // the column): zeroing it first was a pass of its own over up to megabytes per call.
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| Vec::with_capacity(m * n)).collect();
     // x^T in panels of MR rows: panel p holds k groups of MR lanes (rows past m are zero).
     let panels = m.div_ceil(MR);
     let mut xt = vec![0.0f32; panels * k * MR];
@@ -101,16 +151,24 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
                 }
             }
         });
-    let tiles = n.div_ceil(NR);
-    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    // (weight, first column) of every tile, weight after weight.
+    let tiles: Vec<(usize, usize)> = ns
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| (0..n.div_ceil(NR)).map(move |t| (i, t * NR)))
+        .collect();
+    let dsts: Vec<Out> = outs
+        .iter_mut()
+        .map(|o| Out(o.spare_capacity_mut().as_mut_ptr().cast::<f32>()))
+        .collect();
     let kc = block_len(k);
     // Contiguous runs of tiles, a few per thread so that an early finisher can steal.
-    let groups = (rayon::current_num_threads() * 2).clamp(1, tiles);
+    let groups = (rayon::current_num_threads() * 2).clamp(1, tiles.len());
     (0..groups).into_par_iter().for_each(|g| {
-        let dst = &dst;
-        let (t0, t1) = (tiles * g / groups, tiles * (g + 1) / groups);
-        let mut chain = vec![0.0f32; (t1 - t0) * NR * MR];
-        let mut sums = vec![0.0f32; (t1 - t0) * NR * MR];
+        let dsts = &dsts;
+        let run = &tiles[tiles.len() * g / groups..tiles.len() * (g + 1) / groups];
+        let mut chain = vec![0.0f32; run.len() * NR * MR];
+        let mut sums = vec![0.0f32; run.len() * NR * MR];
         for p in 0..panels {
             let rows = MR.min(m - p * MR);
             let panel = &xt[p * k * MR..(p + 1) * k * MR];
@@ -124,22 +182,21 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
                 while ks < k0 + kb {
                     let len = KSUB.min(k0 + kb - ks);
                     let (start, end) = (ks == k0, ks + len == k0 + kb);
-                    for (t, (c, s)) in (t0..t1).zip(
+                    for (&(i, c0), (c, s)) in run.iter().zip(
                         chain
                             .chunks_exact_mut(NR * MR)
                             .zip(sums.chunks_exact_mut(NR * MR)),
                     ) {
-                        let c0 = t * NR;
-                        let cols = NR.min(n - c0);
+                        let cols = NR.min(ns[i] - c0);
                         let rows_w: [usize; NR] =
                             std::array::from_fn(|j| (c0 + j.min(cols - 1)) * k + ks);
-                        // SAFETY: the CPU has AVX-512F (checked by `rows_t`); the kernel reads
-                        // `len` lanes groups of the panel from `ks` and `len` values of each
-                        // weight row from `ks`, all inside the slices.
+                        // SAFETY: the CPU has AVX-512F (checked by the callers); the kernel
+                        // reads `len` lane groups of the panel from `ks` and `len` values of
+                        // each weight row from `ks`, all inside the slices.
                         unsafe {
                             tile_f32(
                                 panel[ks * MR..].as_ptr(),
-                                w.as_ptr(),
+                                ws[i].as_ptr(),
                                 len,
                                 rows_w,
                                 start,
@@ -153,23 +210,24 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
                 }
                 k0 += kb;
             }
-            for (t, s) in (t0..t1).zip(sums.chunks_exact(NR * MR)) {
-                let c0 = t * NR;
-                let cols = NR.min(n - c0);
+            for (&(i, c0), s) in run.iter().zip(sums.chunks_exact(NR * MR)) {
+                let (n, cols) = (ns[i], NR.min(ns[i] - c0));
                 for lane in 0..rows {
                     for j in 0..cols {
-                        // SAFETY: row p * MR + lane < m and column c0 + j < n; no other
-                        // task writes column c0 + j.
-                        unsafe { *dst.0.add((p * MR + lane) * n + c0 + j) = s[j * MR + lane] };
+                        // SAFETY: row p * MR + lane < m and column c0 + j < n of weight i; no
+                        // other task writes that column.
+                        unsafe { *dsts[i].0.add((p * MR + lane) * n + c0 + j) = s[j * MR + lane] };
                     }
                 }
             }
         }
     });
-    // SAFETY: the tiles wrote all m * n elements (rows < m of every panel, columns < n of every
-    // tile).
-    unsafe { out.set_len(m * n) };
-    out
+    for (o, &n) in outs.iter_mut().zip(&ns) {
+        // SAFETY: the tiles wrote all m * n elements of each output (rows < m of every panel,
+        // columns < n of every tile of its weight).
+        unsafe { o.set_len(m * n) };
+    }
+    outs
 }
 
 /// Depth per step of the tile loop: `KSUB * MR` floats of x^T (32 KiB) stay in L1 while every
@@ -269,7 +327,7 @@ impl CustomOp2 for RowsT {
         let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
             candle_core::bail!("rows matmul: f32 only");
         };
-        let out = rows_t_f32(contiguous(x, l1)?, contiguous(w, l2)?, m, k, n);
+        let out = rows_t_f32(contiguous(x, l1)?, contiguous(w, l2)?, m, k);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
     fn bwd(
@@ -331,6 +389,12 @@ mod tests {
             };
             assert_eq!(bits(&got), bits(&want), "{m}x{k}x{n}");
             assert_eq!(bits(&got), bits(&other), "{m}x{k}x{n}");
+            // Several weights in one pass: each output the same bits as its own call.
+            let w2 = rand((n + 5, k));
+            let many = rows_t_many(&x, &[&w, &w2]).unwrap().expect("applies");
+            assert_eq!(bits(&many[0]), bits(&want), "{m}x{k}x{n}, first of two");
+            let want2 = rows_t(&x, &w2).unwrap().expect("applies");
+            assert_eq!(bits(&many[1]), bits(&want2), "{m}x{k}x{n}, second of two");
         }
         if std::env::var("ROWS_BENCH").is_ok() {
             for (m, k, n) in [
