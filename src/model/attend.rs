@@ -131,7 +131,7 @@ fn batch_rows<'a, T>(data: &'a [T], l: &Layout) -> Result<(&'a [T], usize)> {
 #[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2() {
         // SAFETY: the CPU has the features the kernel is compiled for.
         if let Some(v) = unsafe { T::dot_avx2(a, b) } {
             return v;

@@ -26,24 +26,17 @@ impl Linear {
     /// where every weight is frozen and the rows fit it (the same bits as one call each), else
     /// one [`Linear::forward`] each.
     pub(crate) fn forward_many(lins: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let dims = x.dims();
+        let lead = &dims[..dims.len() - 1];
+        let rows: usize = lead.iter().product();
         if rows > super::fused::SMALL_ROWS {
-            let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
             let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+            let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
             if let Some(ys) = super::rows::rows_t_many(&x2, &ws)? {
                 return ys
                     .into_iter()
                     .zip(lins)
-                    .map(|(y, l)| {
-                        let mut out_dims = dims[..dims.len() - 1].to_vec();
-                        out_dims.push(l.w.dim(0)?);
-                        let y = y.reshape(out_dims)?;
-                        match &l.b {
-                            Some(b) => y.broadcast_add(b),
-                            None => Ok(y),
-                        }
-                    })
+                    .map(|(y, l)| l.shaped(y, lead))
                     .collect();
             }
         }
@@ -53,25 +46,31 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // One 2-D GEMM over all tokens: a broadcast batched matmul would also make the weight's
         // gradient a per-batch tensor summed afterwards.
-        let dims = x.dims().to_vec();
-        let (rows, inner) = (
-            dims[..dims.len() - 1].iter().product::<usize>(),
-            dims[dims.len() - 1],
-        );
-        let mut out_dims = dims[..dims.len() - 1].to_vec();
-        out_dims.push(self.w.dim(0)?);
-        let x2 = x.reshape((rows, inner))?;
+        let dims = x.dims();
+        let lead = &dims[..dims.len() - 1];
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
         let frozen = !self.w.is_variable();
-        let y = match super::fused::small_matmul_t(&x2, &self.w)? {
-            Some(y) => y,
-            None => match frozen.then(|| super::rows::rows_t(&x2, &self.w)) {
-                Some(Ok(Some(y))) => y,
-                Some(Err(e)) => return Err(e),
-                _ if rows <= 256 && frozen => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
-                _ => x2.matmul(&self.w.t()?)?,
-            },
-        }
-        .reshape(out_dims)?;
+        let y = if let Some(y) = super::fused::small_matmul_t(&x2, &self.w)? {
+            y
+        } else if let Some(y) = match frozen {
+            true => super::rows::rows_t(&x2, &self.w)?,
+            false => None,
+        } {
+            y
+        } else if rows <= 256 && frozen {
+            self.w.matmul(&x2.t()?)?.t()?.contiguous()?
+        } else {
+            x2.matmul(&self.w.t()?)?
+        };
+        self.shaped(y, lead)
+    }
+
+    /// A `[rows, out]` product as `[lead.., out]`, plus the bias.
+    fn shaped(&self, y: Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.w.dim(0)?);
+        let y = y.reshape(out_dims)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -673,6 +672,16 @@ impl Decoder {
         let rep = nh / nkv;
         let scale = self.attn_scale();
         let acc_dt = acc(self.dtype);
+        // Per (sequence, kv head) of the cache: read a shared prompt from its leader's buffers.
+        let share: Option<Vec<(usize, usize)>> = cache
+            .as_deref()
+            .filter(|c| c.share.len() == b && c.share.iter().any(|&(_, cols)| cols > 0))
+            .map(|c| {
+                c.share
+                    .iter()
+                    .flat_map(|&(lead, cols)| (0..nkv).map(move |h| (lead * nkv + h, cols)))
+                    .collect()
+            });
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
             let x = rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps, gemma)?;
@@ -694,17 +703,7 @@ impl Decoder {
             // The cache's buffers, `[b * nkv, capacity, hd]`, for the decode kernels to read in
             // place.
             let mut buffers = None;
-            let mut share = None;
             if let Some(c) = cache.as_deref_mut() {
-                // Per (sequence, kv head): read a shared prompt from its leader's buffers.
-                if c.share.len() == b && c.share.iter().any(|&(_, cols)| cols > 0) {
-                    share = Some(
-                        c.share
-                            .iter()
-                            .flat_map(|&(lead, cols)| (0..nkv).map(move |h| (lead * nkv + h, cols)))
-                            .collect::<Vec<_>>(),
-                    );
-                }
                 match &mut c.layers[li] {
                     Some(l) => l.push(&k, &v)?,
                     empty => *empty = Some(KvLayer::full(k.clone(), v.clone())?),

@@ -31,34 +31,29 @@ const NR: usize = 6;
 /// `x [m, k] · w [n, k]^T -> [m, n]` for an f32 `x` of at most [`MAX_ROWS`] rows on a CPU with
 /// AVX-512F; `None` where that does not apply (the caller takes GEMM).
 pub fn rows_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !available(x)
-        || !has_avx512()
-        || x.dtype() != candle_core::DType::F32
-        || w.dtype() != x.dtype()
-        || x.rank() != 2
-        || w.rank() != 2
-        || x.dim(0)? > MAX_ROWS
-    {
+    if !fits(x, &[w])? {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, RowsT)?))
 }
 
+/// Whether the kernel takes `x` against every weight of `ws`: f32 matrices on a CPU with
+/// AVX-512F, at most [`MAX_ROWS`] rows, one inner dimension.
+fn fits(x: &Tensor, ws: &[&Tensor]) -> Result<bool> {
+    let f32_2d = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.rank() == 2;
+    Ok(available(x)
+        && has_avx512()
+        && f32_2d(x)
+        && x.dim(0)? <= MAX_ROWS
+        && ws
+            .iter()
+            .all(|w| f32_2d(w) && w.dim(1).ok() == x.dim(1).ok()))
+}
+
 /// [`rows_t`] for several weights of one input (`x` transposed once, one parallel pass):
 /// `None` where any of them would not take it, or where `x` is part of a gradient graph.
 pub fn rows_t_many(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
-    if x.track_op() || ws.iter().any(|w| w.track_op() || w.is_variable()) {
-        return Ok(None);
-    }
-    let f32_2d = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.rank() == 2;
-    if !available(x)
-        || !has_avx512()
-        || !f32_2d(x)
-        || x.dim(0)? > MAX_ROWS
-        || ws
-            .iter()
-            .any(|w| !f32_2d(w) || w.dim(1).ok() != x.dim(1).ok())
-    {
+    if x.track_op() || ws.iter().any(|w| w.track_op() || w.is_variable()) || !fits(x, ws)? {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
@@ -117,7 +112,7 @@ fn rows_t_f32(x: &[f32], w: &[f32], m: usize, k: usize) -> Vec<f32> {
 /// layer; its gate and up projections).
 fn rows_t_many_f32(x: &[f32], ws: &[&[f32]], m: usize, k: usize) -> Vec<Vec<f32>> {
     let ns: Vec<usize> = ws.iter().map(|w| w.len() / k.max(1)).collect();
-    if m == 0 || k == 0 || ns.contains(&0) {
+    if m == 0 || k == 0 || ns.iter().all(|&n| n == 0) {
         return ns.iter().map(|&n| vec![0.0f32; m * n]).collect();
     }
     // Every element is written exactly once below (each (row, column) by the tile that owns
